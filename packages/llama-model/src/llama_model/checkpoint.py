@@ -1,0 +1,395 @@
+"""Checkpoint I/O: read Hugging Face and Meta Llama checkpoints, write the Hugging Face layout.
+
+Two layouts are read:
+- Hugging Face: `config.json` + `model.safetensors`, or shards listed in `model.safetensors.index.json`.
+- Meta: `params.json` + `consolidated.NN.pth`, one file per model-parallel rank, merged here. Loaded
+  with `torch.load(weights_only=True)`: no pickled code is ever executed.
+
+The Hugging Face layout is written (the interchange format of DESIGN.md): `config.json`,
+`generation_config.json`, safetensors weights (sharded with an index above `max_shard_size`) and,
+given a tokenizer, `tokenizer.json` and `tokenizer_config.json` with the chat template, so that
+`transformers` and vLLM load the directory as it is. A save is staged in a temporary directory and
+moved into place only when complete, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama_model._io import atomic_write_json
+from llama_model.config import LlamaConfig, RopeScaling
+from llama_model.model import Llama
+
+if TYPE_CHECKING:
+    from llama_model.tokenizer import Tokenizer
+
+__all__ = ["config_from_hf", "config_to_hf", "load_checkpoint", "save_checkpoint"]
+
+# Our (Meta) parameter names ↔ Hugging Face LlamaForCausalLM names, per layer and global.
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+
+# Llama 3 tokenizer ids used when no tokenizer is passed to save_checkpoint (Meta tokenizer.py).
+_LLAMA3_BOS = 128_000  # <|begin_of_text|>
+_LLAMA3_STOPS = [128_001, 128_008, 128_009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+
+def to_hf_name(name: str) -> str:
+    """Hugging Face name of one of our parameter names."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_RE.match(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+
+
+def from_hf_name(name: str) -> str:
+    """Our parameter name for a Hugging Face LlamaForCausalLM tensor name."""
+    for ours, theirs in _GLOBAL_NAMES.items():
+        if name == theirs:
+            return ours
+    match = _HF_LAYER_RE.match(name)
+    if match:
+        for ours, theirs in _LAYER_NAMES.items():
+            if match.group(2) == theirs:
+                return f"layers.{match.group(1)}.{ours}.weight"
+    raise ValueError(f"checkpoint has unexpected tensor {name!r}: not part of a Llama model")
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
+    """Translate a Hugging Face `config.json` (transformers 4.x or 5.x keys) to a LlamaConfig."""
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"config.json has model_type {model_type!r}; only 'llama' is supported")
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"config.json has {key}={hf[key]!r}; Llama 3 requires {key}={ok!r}")
+    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or dim // n_heads
+    if head_dim * n_heads != dim:
+        raise ValueError(
+            f"config.json has head_dim={head_dim} with hidden_size={dim} and "
+            f"num_attention_heads={n_heads}; Llama 3 requires head_dim = hidden_size / heads"
+        )
+    # transformers 5 nests rope_theta in `rope_parameters`; 4.x has `rope_theta` + `rope_scaling`.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 500_000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        scaling: RopeScaling | None = RopeScaling(
+            factor=rope["factor"],
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_seq_len=rope["original_max_position_embeddings"],
+        )
+    elif rope_type == "default":
+        scaling = None
+    else:
+        raise ValueError(f"config.json has rope type {rope_type!r}; supported: 'llama3', 'default'")
+    return LlamaConfig(
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        vocab_size=hf["vocab_size"],
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 8192),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def config_to_hf(
+    config: LlamaConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> dict[str, Any]:
+    """A transformers `LlamaConfig` dict (keys that both transformers 4.x and 5.x read)."""
+    rope_scaling = None
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Llama:
+    """Load a Hugging Face or Meta Llama checkpoint directory into a `Llama`.
+
+    The layout is detected from `config.json` (Hugging Face) or `params.json` (Meta). Tensors keep
+    the checkpoint's dtype unless `dtype` is given. Missing, unexpected or misshapen tensors raise a
+    ValueError naming the tensor (and both shapes).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+    if (directory / "config.json").is_file():
+        config, state = _read_hf(directory)
+    elif (directory / "params.json").is_file():
+        config, state = _read_meta(directory)
+    else:
+        raise FileNotFoundError(
+            f"{str(directory)!r} holds neither config.json (Hugging Face layout) nor params.json "
+            "(Meta layout)"
+        )
+    with torch.device("meta"):
+        model = Llama(config)
+    _check_state(model, state)
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device)
+    return model.eval()
+
+
+def _check_state(model: Llama, state: Mapping[str, torch.Tensor]) -> None:
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+    unexpected = sorted(state.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} for this config")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(state[name].shape)} in the checkpoint but the "
+                f"config expects {shape}"
+            )
+
+
+def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{str(directory)!r} has config.json but no model.safetensors or "
+            "model.safetensors.index.json"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"shard {file!r} listed in the index is missing from {directory}")
+        with safe_open(directory / file, framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # tied: the output projection is the embedding table
+                state[from_hf_name(hf_name)] = f.get_tensor(hf_name)
+    return config, state
+
+
+# Meta's model-parallel layout (fairscale): column-parallel weights are split along dim 0,
+# row-parallel weights along dim 1, norms are replicated.
+_COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight",
+                    "tok_embeddings.weight")  # Llama 3 uses VocabParallelEmbedding: split by vocab
+_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def _read_meta(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = LlamaConfig.from_meta_params(json.loads((directory / "params.json").read_text()))
+    shard_files = sorted(directory.glob("consolidated.*.pth"))
+    if not shard_files:
+        raise FileNotFoundError(f"{str(directory)!r} has params.json but no consolidated.*.pth")
+    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in shard_files]
+    state: dict[str, torch.Tensor] = {}
+    for name in shards[0]:
+        if name == "rope.freqs":  # precomputed RoPE table in some Meta checkpoints; recomputed here
+            continue
+        parts = [shard[name] for shard in shards]
+        if len(parts) == 1 or not name.endswith(_COLUMN_PARALLEL + _ROW_PARALLEL):
+            tensor = parts[0]
+        else:
+            tensor = torch.cat(parts, dim=0 if name.endswith(_COLUMN_PARALLEL) else 1)
+        if name.endswith("attention.wq.weight"):
+            tensor = interleaved_to_half_split(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = interleaved_to_half_split(tensor, config.n_kv_heads)
+        state[name] = tensor
+    return config, state
+
+
+def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute the rows of a Meta wq/wk [n_heads·head_dim, dim] from RoPE pairs (2i, 2i+1) to
+    pairs (i, i + head_dim/2), the layout this model (and Hugging Face) uses."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    if head_dim * n_heads != rows:
+        raise ValueError(f"weight with {rows} rows cannot hold {n_heads} heads")
+    # [heads, head_dim/2, 2, dim] -> [heads, 2, head_dim/2, dim]: evens first, then odds
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(
+    model: Llama,
+    path: str | os.PathLike[str],
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_shard_size: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face Llama directory that transformers and vLLM load as is.
+
+    Weights are saved in their dtype (or `dtype`), split into shards of at most `max_shard_size`
+    bytes. With a `tokenizer`, the tokenizer files and the chat template are written too. An existing
+    checkpoint at `path` is replaced only once the new one is complete.
+    """
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    state = {
+        to_hf_name(name): tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        for name, tensor in model.state_dict().items()
+    }
+    weight_dtype = next(iter(state.values())).dtype
+    if tokenizer is not None:
+        bos, eos = tokenizer.bos_id, list(tokenizer.stop_tokens)
+    elif model.config.vocab_size == 128_256:
+        bos, eos = _LLAMA3_BOS, list(_LLAMA3_STOPS)
+    else:
+        bos, eos = None, None
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        _write_weights(state, staging, max_shard_size)
+        atomic_write_json(
+            staging / "config.json",
+            config_to_hf(model.config, dtype=weight_dtype, bos_token_id=bos, eos_token_id=eos),
+        )
+        generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True,
+                      "temperature": 0.6, "top_p": 0.9}  # Meta's defaults for Llama 3.1 Instruct
+        atomic_write_json(staging / "generation_config.json", generation)
+        if tokenizer is not None:
+            from llama_model._hf_tokenizer import write_hf_tokenizer
+
+            write_hf_tokenizer(tokenizer, staging, model_max_length=model.config.max_seq_len)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write_json(
+        directory / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Replace `target` by the complete `staging` directory; the old one is removed last."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    backup.rmdir()
+    os.replace(target, backup)
+    os.replace(staging, target)
+    shutil.rmtree(backup, ignore_errors=True)

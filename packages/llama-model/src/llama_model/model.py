@@ -1,0 +1,304 @@
+"""The Llama 3 Transformer (§3.2 of "The Llama 3 Herd of Models", arXiv 2407.21783).
+
+A dense decoder-only Transformer: pre-norm RMSNorm, grouped-query attention (8 key/value heads),
+SwiGLU feed-forward, rotary position embeddings with θ = 500,000 and Llama 3.1 frequency scaling,
+no biases. Packed training sequences pass `document_ids` so that a token attends only to earlier
+tokens of its own document (§3.2: "an attention mask that prevents self-attention between different
+documents within the same sequence").
+
+Module names follow Meta's reference (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`,
+...); `checkpoint.py` maps Hugging Face names onto them. RoPE uses the half-split pair layout
+(see `rope.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_model.cache import KVCache
+from llama_model.config import LlamaConfig
+from llama_model.rope import apply_rope, rope_angles, rope_frequencies
+
+__all__ = ["Attention", "FeedForward", "Llama", "RMSNorm", "TransformerBlock", "rms_norm"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight, with the statistics in float32 (Zhang & Sennrich 2019)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned per-channel gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: n_heads queries share n_kv_heads keys and values (§3.2)."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # [B, n_kv_heads, cached + T, head_dim]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # [B, n_heads, T, head_dim]
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention = Attention(config, layer_id)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """The Llama 3 model: `model(tokens) -> logits`.
+
+    Construct under `torch.device("meta")` to get the structure without memory (a 405B model can be
+    built and counted that way), then `to_empty(device=...)` and `init_weights(seed=...)` to train
+    from scratch, or use `load_checkpoint` to fill it from a checkpoint.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # With tied embeddings the output projection *is* tok_embeddings.weight (no second copy).
+        self.output = (
+            None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        )
+        c = config
+        inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)  # [head_dim / 2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent RoPE frequency buffer on `device` (default: the weights'
+        device). Needed after building on the meta device, which leaves buffers without data."""
+        c = self.config
+        device = self.tok_embeddings.weight.device if device is None else device
+        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, *, std: float = 0.02) -> None:
+        """Initialise for training from scratch, reproducibly from `seed`.
+
+        The paper does not state its initialisation; we use GPT-2's (Radford et al. 2019): normal(0,
+        std) for embeddings and projections, with the residual-branch outputs (wo, w2) scaled by
+        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth; norm gains 1.
+        Also recomputes the RoPE frequency buffer (needed after `to_empty` from the meta device).
+        """
+        device = self.tok_embeddings.weight.device
+        if device.type == "meta":
+            raise RuntimeError(
+                "init_weights needs real storage: call model.to_empty(device=...) first"
+            )
+        generator = torch.Generator(device=device).manual_seed(seed)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                param.normal_(0.0, residual_std, generator=generator)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        self.init_buffers(device)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [vocab_size, dim] output projection (the embedding table when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, T, dim]; `forward` is `logits(hidden_states(...))`."""
+        batch, seq_len = _check_tokens(tokens, self.config)
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(batch, seq_len)
+        if positions is None:
+            if start + seq_len > self.config.max_seq_len:
+                raise ValueError(
+                    f"{start} cached + {seq_len} new tokens exceed max_seq_len {self.config.max_seq_len}"
+                )
+            positions = torch.arange(start, start + seq_len, device=tokens.device)[None, :]  # [1, T]
+        else:
+            positions = _check_positions(positions, batch, seq_len, self.config)
+
+        # Attention pattern: plain causal where possible (fast SDPA paths), else an explicit mask.
+        mask, is_causal = None, seq_len > 1
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "document_ids (packed training sequences) cannot be combined with a KV cache; "
+                    "decode one sequence per batch row instead"
+                )
+            mask, is_causal = document_mask(document_ids, batch, seq_len), False
+        elif start > 0 and seq_len > 1:  # chunked prefill: query i sees the cache and new keys <= i
+            key_pos = torch.arange(start + seq_len, device=tokens.device)
+            query_pos = torch.arange(start, start + seq_len, device=tokens.device)
+            mask, is_causal = key_pos[None, :] <= query_pos[:, None], False  # [T, cached + T]
+
+        cos, sin = rope_angles(positions, self.inv_freq)  # [B or 1, T, head_dim]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(seq_len)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states [..., dim] to vocabulary logits [..., vocab_size]."""
+        return F.linear(hidden, self.output_weight())
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab_size] for token ids [B, T].
+
+        positions: [B, T] or [1, T] RoPE positions; default 0..T-1 (after what `cache` holds).
+        document_ids: [B, T] ids of the packed document each token belongs to; a token then
+            attends only to earlier tokens with the same id (§3.2). Not combinable with `cache`.
+        cache: a `KVCache`; the new keys and values are appended and the cache advances by T.
+        """
+        hidden = self.hidden_states(tokens, positions=positions, document_ids=document_ids, cache=cache)
+        return self.logits(hidden)
+
+
+def document_mask(document_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, T]: query i sees key j iff j <= i and both are in one document."""
+    if document_ids.shape != (batch, seq_len):
+        raise ValueError(
+            f"document_ids must have the tokens' shape {(batch, seq_len)}, got {tuple(document_ids.shape)}"
+        )
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    return (same_doc & causal)[:, None]  # [B, 1, T, T]: broadcast over heads
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 at each document boundary of a packed [B, T] sequence.
+
+    Documents must be contiguous runs of one id. Pass the result as `positions` to make every packed
+    document see the positions it would see alone.
+    """
+    batch, seq_len = document_ids.shape
+    index = torch.arange(seq_len, device=document_ids.device).expand(batch, seq_len)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+def _check_tokens(tokens: torch.Tensor, config: LlamaConfig) -> tuple[int, int]:
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+    batch, seq_len = tokens.shape
+    if seq_len == 0 or batch == 0:
+        raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}); pass at least one token")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if seq_len > config.max_seq_len:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds max_seq_len {config.max_seq_len}; "
+            "truncate the input or use a config with a larger max_seq_len"
+        )
+    return batch, seq_len
+
+
+def _check_positions(
+    positions: torch.Tensor, batch: int, seq_len: int, config: LlamaConfig
+) -> torch.Tensor:
+    if positions.dim() == 1:
+        positions = positions[None, :]
+    if positions.shape[-1] != seq_len or positions.shape[0] not in (1, batch):
+        raise ValueError(
+            f"positions must have shape [{batch} or 1, {seq_len}], got {tuple(positions.shape)}"
+        )
+    if positions.numel() and int(positions.max()) >= config.max_seq_len:
+        raise ValueError(
+            f"position {int(positions.max())} is beyond max_seq_len {config.max_seq_len}; "
+            "the model was configured for shorter sequences"
+        )
+    return positions

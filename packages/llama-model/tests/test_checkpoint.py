@@ -1,0 +1,220 @@
+"""Checkpoint I/O against transformers: HF layout both ways, sharded, Meta layout, and bad input.
+
+Tolerance: float32 logits to atol=rtol=1e-5 (see test_model.py: same operations in the same order,
+only kernel-internal reduction order differs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from llama_model import Llama, LlamaConfig, RopeScaling, load_checkpoint, save_checkpoint
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def hf_model(seed: int = 0, **overrides: object) -> transformers.LlamaForCausalLM:
+    """A random transformers Llama, its config written by hand in transformers' own terms."""
+    fields: dict[str, object] = {
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8193,
+        "rms_norm_eps": 1e-5, "initializer_range": 0.2,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192},
+    }  # fmt: skip
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+
+
+def sample_tokens(vocab_size: int = 320) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+
+
+def assert_same_logits(ours: Llama, hf: transformers.LlamaForCausalLM) -> None:
+    x = sample_tokens(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, **TOL)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="llama3.1-scaling-gqa"),
+        pytest.param({"rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0}}, id="no-scaling"),
+        pytest.param({"tie_word_embeddings": True}, id="tied"),
+    ],
+)
+def test_load_transformers_checkpoint(tmp_path: Path, overrides: dict[str, object]) -> None:
+    """A directory written by transformers' save_pretrained loads with identical logits."""
+    hf = hf_model(**overrides)
+    hf.save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path)
+    assert model.config.tie_word_embeddings == bool(overrides.get("tie_word_embeddings", False))
+    assert_same_logits(model, hf)
+
+
+def test_load_sharded_transformers_checkpoint(tmp_path: Path) -> None:
+    """A sharded transformers checkpoint (several files plus an index) loads with identical logits."""
+    hf = hf_model()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert_same_logits(load_checkpoint(tmp_path), hf)
+
+
+def test_load_legacy_rope_scaling_config(tmp_path: Path) -> None:
+    """A transformers-4 config.json (`rope_theta` + `rope_scaling`) is read the same way."""
+    hf = hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_same_logits(load_checkpoint(tmp_path), hf)
+
+
+@pytest.mark.parametrize("shard_size", [2**40, 60_000], ids=["single-file", "sharded"])
+def test_saved_directory_loads_in_transformers(tmp_path: Path, shard_size: int) -> None:
+    """Our save_checkpoint output loads in transformers as-is, with identical logits."""
+    config = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320,
+                         multiple_of=32, rope_scaling=RopeScaling(factor=8.0), max_seq_len=512)  # fmt: skip
+    model = Llama(config).eval()
+    model.init_weights(seed=1, std=0.2)
+    save_checkpoint(model, tmp_path / "ckpt", max_shard_size=shard_size)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert_same_logits(model, hf)
+    generation = json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] is None  # not a Llama 3 vocabulary: no ids invented
+    # HF configs carry the resolved intermediate_size only, not Meta's rule that derived it
+    derivation = {"multiple_of", "ffn_dim_multiplier"}
+    reloaded = load_checkpoint(tmp_path / "ckpt").config
+    assert reloaded.model_dump(exclude=derivation) == config.model_dump(exclude=derivation)
+
+
+def test_save_keeps_dtype_and_replaces_previous(tmp_path: Path) -> None:
+    """bfloat16 weights stay bfloat16; saving over a checkpoint replaces it, leaving no debris."""
+    config = LlamaConfig.from_preset("debug", vocab_size=256, n_layers=1)
+    model = Llama(config).to(torch.bfloat16)
+    model.init_weights(seed=0)
+    target = tmp_path / "ckpt"
+    save_checkpoint(model, target, max_shard_size=100_000)
+    save_checkpoint(model, target)  # now a single file: the old shards must be gone
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert json.loads((target / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = load_checkpoint(target)
+    assert reloaded.tok_embeddings.weight.dtype == torch.bfloat16
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def hf_to_meta(hf: transformers.LlamaForCausalLM, model_parallel: int) -> list[dict[str, torch.Tensor]]:
+    """Meta's consolidated layout from transformers weights, split over model-parallel ranks:
+    names mapped, RoPE rows of wq/wk permuted back to interleaved pairs, column-parallel weights
+    split along rows, row-parallel along columns, norms replicated (written independently here)."""
+    c = hf.config
+    head_dim = c.hidden_size // c.num_attention_heads
+
+    def to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+        halves = w.view(heads, 2, head_dim // 2, w.shape[1])
+        return torch.stack((halves[:, 0], halves[:, 1]), dim=2).reshape(w.shape)
+
+    sd = hf.state_dict()
+    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
+            "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}  # fmt: skip
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        full |= {
+            f"layers.{i}.attention.wq.weight": to_interleaved(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": to_interleaved(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        }  # fmt: skip
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(model_parallel)]
+    for name, tensor in full.items():
+        if name.endswith(("wo.weight", "w2.weight")):
+            parts = tensor.chunk(model_parallel, dim=1)
+        elif "norm" in name:
+            parts = (tensor,) * model_parallel
+        else:
+            parts = tensor.chunk(model_parallel, dim=0)
+        for shard, part in zip(shards, parts, strict=True):
+            shard[name] = part.clone()
+    return shards
+
+
+@pytest.mark.parametrize("model_parallel", [1, 2])
+def test_load_meta_checkpoint(tmp_path: Path, model_parallel: int) -> None:
+    """Meta's layout (params.json + consolidated.NN.pth, merged over ranks) gives identical logits."""
+    hf = hf_model()
+    for rank, shard in enumerate(hf_to_meta(hf, model_parallel)):
+        torch.save(shard, tmp_path / f"consolidated.{rank:02d}.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 320,
+              "ffn_dim": 160, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+              "max_seq_len": 8193}  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert_same_logits(load_checkpoint(tmp_path), hf)
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    """A checkpoint without one tensor fails with that tensor's name."""
+    hf_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'layers\.1\.feed_forward\.w3\.weight'"):
+        load_checkpoint(tmp_path)
+
+
+def test_mismatched_shape_names_tensor_and_both_shapes(tmp_path: Path) -> None:
+    """A tensor of the wrong shape fails naming the tensor, its shape and the expected shape."""
+    hf_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.wk\.weight' has shape \(64, 64\).*\(32, 64\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_tensor_is_named(tmp_path: Path) -> None:
+    """A tensor that is not part of a Llama model fails with its name."""
+    hf_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="q_proj.bias"):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_directories_are_explained(tmp_path: Path) -> None:
+    """Missing directories, unknown layouts and unsupported configs say what is wrong."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        load_checkpoint(tmp_path)
+    hf_model(attention_bias=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention_bias"):
+        load_checkpoint(tmp_path)
+
+
+def test_meta_checkpoint_is_loaded_without_pickle_code(tmp_path: Path) -> None:
+    """A consolidated.pth holding a pickled object (not tensors) is refused (weights_only=True)."""
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "evil": Path("/")}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,185 @@
+"""The Llama module against Hugging Face's LlamaForCausalLM, document masking, init and bad input.
+
+Tolerance: float32 logits agree to atol=rtol=1e-5. Both sides compute the same operations in the same
+order; the only freedom is the order of reductions inside matmul and attention kernels, which moves
+float32 results by a few ulps (logits here are O(1), so ~1e-6), far below any real bug (a wrong RoPE
+frequency, mask or norm changes logits at 1e-2 or more).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from llama_model import Llama, LlamaConfig, RopeScaling, document_positions
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def tiny_config(**overrides: object) -> LlamaConfig:
+    fields: dict[str, object] = {
+        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
+        "multiple_of": 32, "rope_scaling": RopeScaling(factor=8.0), "max_seq_len": 256,
+    }  # fmt: skip
+    fields.update(overrides)
+    return LlamaConfig.model_validate(fields)
+
+
+def hf_model_like(config: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A randomly initialised transformers model of the same shape (config written by hand)."""
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_seq_len}  # fmt: skip
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=max(config.max_seq_len, 8193),
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=0.2,  # larger than default so that every layer visibly matters
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+def ours_from_hf(hf: transformers.LlamaForCausalLM, config: LlamaConfig) -> Llama:
+    """Copy weights by name, written out by hand here (independent of checkpoint.py's map)."""
+    model = Llama(config).eval()
+    sd = hf.state_dict()
+    ours = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+    }
+    if not config.tie_word_embeddings:
+        ours["output.weight"] = sd["lm_head.weight"]
+    pairs = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}  # fmt: skip
+    for i in range(config.n_layers):
+        for mine, theirs in pairs.items():
+            ours[f"layers.{i}.{mine}.weight"] = sd[f"model.layers.{i}.{theirs}.weight"]
+    model.load_state_dict(ours, strict=True)
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"rope_scaling": None}, id="llama3-no-scaling"),
+        pytest.param({}, id="llama3.1-scaling-gqa"),
+        pytest.param({"n_kv_heads": 4}, id="multi-head"),
+        pytest.param({"n_kv_heads": 1, "n_heads": 8}, id="multi-query"),
+        pytest.param(
+            {"tie_word_embeddings": True, "rope_scaling": RopeScaling(factor=32.0)},
+            id="llama3.2-tied",
+        ),
+    ],
+)
+def test_logits_match_transformers(overrides: dict[str, object]) -> None:
+    """Same weights give the same float32 logits as transformers' LlamaForCausalLM."""
+    config = tiny_config(**overrides)
+    hf = hf_model_like(config)
+    model = ours_from_hf(hf, config)
+    tokens = torch.randint(
+        0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL)
+
+
+def test_explicit_positions_match_transformers() -> None:
+    """Far positions (where Llama 3.1 scaling matters most) agree with transformers' position_ids."""
+    config = tiny_config(max_seq_len=131_072)
+    hf = hf_model_like(config)
+    model = ours_from_hf(hf, config)
+    tokens = torch.randint(
+        0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2)
+    )
+    positions = torch.arange(100_000, 100_016)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(tokens, positions=positions), hf(tokens, position_ids=positions).logits, **TOL
+        )
+
+
+def test_document_mask_equals_separate_documents() -> None:
+    """With document_ids, each packed document's logits equal running that document alone."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    model.init_weights(seed=3, std=0.2)
+    lengths = [5, 9, 3]
+    tokens = torch.randint(0, config.vocab_size, (1, sum(lengths)))
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    with torch.no_grad():
+        packed = model(tokens, document_ids=doc_ids, positions=document_positions(doc_ids))
+        start = 0
+        for length in lengths:
+            alone = model(tokens[:, start : start + length])
+            torch.testing.assert_close(packed[:, start : start + length], alone, **TOL)
+            start += length
+        # Without the mask, later documents would see earlier ones: the test can tell.
+        unmasked = model(tokens, positions=document_positions(doc_ids))
+        assert not torch.allclose(unmasked[:, 5:14], packed[:, 5:14], **TOL)
+
+
+def test_document_positions_restart_per_document() -> None:
+    """document_positions counts from 0 within each contiguous document."""
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [7, 7, 7, 7, 7, 7]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(document_positions(doc_ids), expected)
+
+
+def test_init_weights_is_reproducible_and_scaled() -> None:
+    """init_weights from a seed is deterministic; residual projections get the depth-scaled std."""
+    config = tiny_config(n_layers=8, dim=256, n_heads=4, n_kv_heads=2)
+    with torch.device("meta"):
+        a, b = Llama(config), Llama(config)
+    for model in (a, b):
+        model.to_empty(device="cpu")
+        model.init_weights(seed=7)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert torch.equal(a.layers[0].attention_norm.weight, torch.ones(256))
+    wq_std = a.layers[0].attention.wq.weight.std().item()
+    wo_std = a.layers[0].attention.wo.weight.std().item()
+    assert wq_std == pytest.approx(0.02, rel=0.05)
+    assert wo_std == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 * 8 layers)
+    assert torch.equal(a.inv_freq, Llama(config).inv_freq)
+
+
+def test_init_weights_on_meta_device_is_an_error() -> None:
+    """init_weights refuses meta tensors and says to call to_empty first."""
+    with torch.device("meta"):
+        model = Llama(tiny_config())
+    with pytest.raises(RuntimeError, match="to_empty"):
+        model.init_weights()
+
+
+def test_bad_tokens_are_rejected() -> None:
+    """Empty, 1-D, float, and over-long inputs raise clear errors."""
+    config = tiny_config(max_seq_len=16)
+    model = Llama(config)
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[batch, seq_len\]"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond max_seq_len"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[15, 16]]))
+    with pytest.raises(ValueError, match="document_ids must have"):
+        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 3, dtype=torch.long))
