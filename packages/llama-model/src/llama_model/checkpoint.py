@@ -249,7 +249,9 @@ def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if not (directory / file).is_file():
-            raise FileNotFoundError(f"shard {file!r} listed in the index is missing from {directory}")
+            raise FileNotFoundError(
+                f"shard {file!r} listed in the index is missing from {directory}"
+            )
         with safe_open(directory / file, framework="pt") as f:
             for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -260,9 +262,15 @@ def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 
 # Meta's model-parallel layout (fairscale): column-parallel weights are split along dim 0,
 # row-parallel weights along dim 1, norms are replicated.
-_COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight",
-                    "tok_embeddings.weight")  # Llama 3 uses VocabParallelEmbedding: split by vocab
+_COLUMN_PARALLEL = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+    "tok_embeddings.weight",
+)  # Llama 3 uses VocabParallelEmbedding: split by vocab
 _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
@@ -337,15 +345,22 @@ def save_checkpoint(
     else:
         bos, eos = None, None
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
     try:
         _write_weights(state, staging, max_shard_size)
         atomic_write_json(
             staging / "config.json",
             config_to_hf(model.config, dtype=weight_dtype, bos_token_id=bos, eos_token_id=eos),
         )
-        generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True,
-                      "temperature": 0.6, "top_p": 0.9}  # Meta's defaults for Llama 3.1 Instruct
+        generation = {
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "do_sample": True,
+            "temperature": 0.6,
+            "top_p": 0.9,
+        }  # Meta's defaults for Llama 3.1 Instruct
         atomic_write_json(staging / "generation_config.json", generation)
         if tokenizer is not None:
             from llama_model._hf_tokenizer import write_hf_tokenizer

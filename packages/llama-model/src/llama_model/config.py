@@ -146,7 +146,11 @@ class LlamaConfig(BaseModel):
         if not overrides:
             return PRESETS[name]
         fields = PRESETS[name].model_dump()
-        if {"dim", "multiple_of", "ffn_dim_multiplier"} & overrides.keys() and "ffn_dim" not in overrides:
+        if {
+            "dim",
+            "multiple_of",
+            "ffn_dim_multiplier",
+        } & overrides.keys() and "ffn_dim" not in overrides:
             fields["ffn_dim"] = None  # re-derive it from the new shape
         return cls.model_validate({**fields, **overrides})
 
@@ -213,28 +217,86 @@ _LLAMA31_CONTEXT = 131_072  # 128K tokens after long-context pretraining (§3.4.
 
 PRESETS: dict[str, LlamaConfig] = {
     # Llama 3 (April 2024): 8K context, no RoPE scaling.
-    "llama3-8b": _preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
-                         ffn_dim_multiplier=1.3, max_seq_len=8192),
-    "llama3-70b": _preset(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
-                          ffn_dim_multiplier=1.3, max_seq_len=8192),
+    "llama3-8b": _preset(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        max_seq_len=8192,
+    ),
+    "llama3-70b": _preset(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        max_seq_len=8192,
+    ),
     # Llama 3.1 (the paper's models): 128K context with frequency scaling.
-    "llama3.1-8b": _preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
-                           ffn_dim_multiplier=1.3, rope_scaling=_LLAMA31_SCALING,
-                           max_seq_len=_LLAMA31_CONTEXT),
-    "llama3.1-70b": _preset(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
-                            ffn_dim_multiplier=1.3, rope_scaling=_LLAMA31_SCALING,
-                            max_seq_len=_LLAMA31_CONTEXT),
-    "llama3.1-405b": _preset(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
-                             ffn_dim_multiplier=1.2, rope_scaling=_LLAMA31_SCALING,
-                             max_seq_len=_LLAMA31_CONTEXT),
+    "llama3.1-8b": _preset(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=_LLAMA31_CONTEXT,
+    ),
+    "llama3.1-70b": _preset(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=_LLAMA31_CONTEXT,
+    ),
+    "llama3.1-405b": _preset(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.2,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=_LLAMA31_CONTEXT,
+    ),
     # Llama 3.2 lightweight text models: tied embeddings, scaling factor 32.
-    "llama3.2-1b": _preset(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
-                           ffn_dim_multiplier=1.5, rope_scaling=_LLAMA32_SCALING,
-                           max_seq_len=_LLAMA31_CONTEXT, tie_word_embeddings=True),
-    "llama3.2-3b": _preset(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
-                           ffn_dim_multiplier=1.0, rope_scaling=_LLAMA32_SCALING,
-                           max_seq_len=_LLAMA31_CONTEXT, tie_word_embeddings=True),
+    "llama3.2-1b": _preset(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        rope_scaling=_LLAMA32_SCALING,
+        max_seq_len=_LLAMA31_CONTEXT,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": _preset(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        multiple_of=256,
+        ffn_dim_multiplier=1.0,
+        rope_scaling=_LLAMA32_SCALING,
+        max_seq_len=_LLAMA31_CONTEXT,
+        tie_word_embeddings=True,
+    ),
     # Small enough to train on a laptop CPU in minutes, with the full 128,256-token vocabulary.
-    "debug": _preset(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=256,
-                     rope_scaling=_LLAMA31_SCALING, max_seq_len=2048),
+    "debug": _preset(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        multiple_of=256,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=2048,
+    ),
 }

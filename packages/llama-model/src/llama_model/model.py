@@ -51,7 +51,11 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -137,7 +141,9 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # With tied embeddings the output projection *is* tok_embeddings.weight (no second copy).
         self.output = (
-            None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.dim, config.vocab_size, bias=False)
         )
         c = config
         inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)  # [head_dim / 2]
@@ -197,7 +203,9 @@ class Llama(nn.Module):
                 raise ValueError(
                     f"{start} cached + {seq_len} new tokens exceed max_seq_len {self.config.max_seq_len}"
                 )
-            positions = torch.arange(start, start + seq_len, device=tokens.device)[None, :]  # [1, T]
+            positions = torch.arange(start, start + seq_len, device=tokens.device)[
+                None, :
+            ]  # [1, T]
         else:
             positions = _check_positions(positions, batch, seq_len, self.config)
 
@@ -242,7 +250,9 @@ class Llama(nn.Module):
             attends only to earlier tokens with the same id (§3.2). Not combinable with `cache`.
         cache: a `KVCache`; the new keys and values are appended and the cache advances by T.
         """
-        hidden = self.hidden_states(tokens, positions=positions, document_ids=document_ids, cache=cache)
+        hidden = self.hidden_states(
+            tokens, positions=positions, document_ids=document_ids, cache=cache
+        )
         return self.logits(hidden)
 
 
