@@ -7,6 +7,7 @@ only kernel-internal reduction order differs).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,33 @@ def test_meta_checkpoint_is_loaded_without_pickle_code(tmp_path: Path) -> None:
     )
     with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
         load_checkpoint(tmp_path)
+
+
+def test_saved_tokenizer_and_chat_template_load_in_transformers(
+    tmp_path: Path, tokenizer, chat_format
+) -> None:  # type: ignore[no-untyped-def]
+    """With a tokenizer, the directory carries tokenizer files that transformers loads, and its
+    chat template produces exactly ChatFormat's tokens; generation_config has the Llama 3 stops."""
+    from llama_model import Message
+
+    config = LlamaConfig.from_preset("debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2)
+    model = Llama(config)
+    model.init_weights(seed=0)
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    dialog = [
+        Message(role="system", content="You are terse."),
+        Message(role="user", content="Name a prime."),
+        Message(role="assistant", content="Seven."),
+        Message(role="user", content="Another?"),
+    ]
+    ids = hf_tokenizer.apply_chat_template(
+        [m.to_hf_dict() for m in dialog], add_generation_prompt=True
+    )
+    ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+    assert list(ids) == chat_format.encode_dialog(dialog).tokens
+    generation = json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == 128_000
+    assert generation["eos_token_id"] == [128_001, 128_008, 128_009]
+    tokenizer_config = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == config.max_seq_len

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)` to produce the file, then move it onto `path` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,14 @@ cache by n_heads / n_kv_heads (4x for 8B, 16x for 405B; §3.2).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from llama_model.config import LlamaConfig
+
+if TYPE_CHECKING:
+    from llama_model.model import Llama
 
 __all__ = ["KVCache"]
 
@@ -46,10 +51,10 @@ class KVCache:
 
     @classmethod
     def for_model(
-        cls, model: torch.nn.Module, batch_size: int = 1, max_seq_len: int | None = None
+        cls, model: Llama, batch_size: int = 1, max_seq_len: int | None = None
     ) -> KVCache:
         """A cache matching `model`'s config, parameter dtype and device."""
-        weight = next(model.parameters())
+        weight = model.tok_embeddings.weight
         return cls(model.config, batch_size, max_seq_len, dtype=weight.dtype, device=weight.device)
 
     @property
