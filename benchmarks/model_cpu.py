@@ -1,0 +1,214 @@
+"""How fast is llama_model.Llama at inference on CPU, next to transformers' LlamaForCausalLM?
+
+Both models hold the same float32 weights and run with the same number of threads. Measured at
+batch size 1:
+- prefill: one forward over a prompt of --prompt-len tokens, logits for the last position only
+  (ours: `generate.prefill`; transformers: `logits_to_keep=1`), reported as prompt tokens/s;
+- decode: --decode-steps single-token forwards against a KV cache (ours: the preallocated `KVCache`;
+  transformers: its default `DynamicCache`, as `generate()` uses), greedy argmax, reported as
+  tokens/s (time of prefill + steps, minus prefill, per step);
+- generate: the libraries' own greedy `generate` (ours: `llama_model.generate`; transformers:
+  `model.generate(do_sample=False)`), new tokens/s after the first, the number a user sees.
+Also reported: the weight bytes a decode step must read (every matrix, the input embedding table
+excepted unless tied) divided by our time per step, in GB/s, to show the distance to memory bandwidth.
+
+Prints a table and writes benchmarks/results/model_cpu.json. Usage:
+    uv run python benchmarks/model_cpu.py [--threads N] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from llama_model import KVCache, Llama, LlamaConfig, count_parameters, generate
+from llama_model.checkpoint import config_to_hf, to_hf_name
+from llama_model.generate import decode_one_token, prefill
+
+CONFIGS = {
+    "debug": LlamaConfig.from_preset("debug"),
+    # ~100M parameters with the full vocabulary: 8 layers of width 512, tied embeddings.
+    "100m": LlamaConfig.from_preset(
+        "debug", dim=512, n_layers=8, n_heads=8, n_kv_heads=2, tie_word_embeddings=True
+    ),
+}
+
+
+def twin_models(config: LlamaConfig) -> tuple[Llama, transformers.LlamaForCausalLM]:
+    ours = Llama(config).eval()
+    ours.init_weights(seed=0)
+    hf_fields = {
+        k: v for k, v in config_to_hf(config, dtype=torch.float32).items() if k != "architectures"
+    }
+    hf_config = transformers.LlamaConfig(**hf_fields)
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict({to_hf_name(k): v for k, v in ours.state_dict().items()}, strict=False)
+    return ours, hf
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def bench(
+    name: str, config: LlamaConfig, prompt_len: int, steps: int, repeats: int
+) -> dict[str, object]:
+    ours, hf = twin_models(config)
+    prompt = torch.randint(
+        0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
+    total = prompt_len + steps
+
+    cache = KVCache.for_model(ours, batch_size=1, max_seq_len=total)
+
+    def ours_prefill() -> None:
+        cache.reset()
+        prefill(ours, prompt, cache)
+
+    def ours_decode() -> None:
+        cache.reset()
+        logits = prefill(ours, prompt, cache)
+        token = logits.argmax(-1)
+        for _ in range(steps):
+            token = decode_one_token(ours, token, cache).argmax(-1)
+
+    def hf_prefill() -> None:
+        hf(
+            prompt,
+            use_cache=True,
+            past_key_values=transformers.DynamicCache(config=hf.config),
+            logits_to_keep=1,
+        )
+
+    def hf_decode() -> None:
+        past = transformers.DynamicCache(config=hf.config)
+        out = hf(prompt, use_cache=True, past_key_values=past, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            out = hf(token, use_cache=True, past_key_values=past)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    prompt_list = prompt[0].tolist()
+
+    def ours_generate(n: int) -> Callable[[], None]:
+        return lambda: generate(ours, prompt_list, max_new_tokens=n)
+
+    def hf_generate(n: int) -> Callable[[], None]:
+        return lambda: hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+
+    # Decode time = (prefill + steps) - prefill, so each side is charged only for its decode steps.
+    results: dict[str, dict[str, float]] = {}
+    for impl, pre, dec, gen in (
+        ("llama_model", ours_prefill, ours_decode, ours_generate),
+        ("transformers", hf_prefill, hf_decode, hf_generate),
+    ):
+        t_prefill = timed(pre, repeats)
+        t_decode = max(timed(dec, repeats) - t_prefill, 1e-9) / steps
+        t_generate = max(timed(gen(steps + 1), repeats) - timed(gen(1), repeats), 1e-9) / steps
+        results[impl] = {
+            "prefill_tok_s": prompt_len / t_prefill,
+            "decode_tok_s": 1.0 / t_decode,
+            "generate_tok_s": 1.0 / t_generate,
+        }
+    read_params = count_parameters(config)
+    if not config.tie_word_embeddings:
+        read_params -= config.vocab_size * config.dim  # only one embedding row is read per token
+    weight_bytes = read_params * 4
+    row = {
+        "config": name,
+        "params": count_parameters(config),
+        "prompt_len": prompt_len,
+        "decode_steps": steps,
+        **{f"{impl}_{k}": v for impl, r in results.items() for k, v in r.items()},
+        "prefill_speedup": results["llama_model"]["prefill_tok_s"]
+        / results["transformers"]["prefill_tok_s"],
+        "decode_speedup": results["llama_model"]["decode_tok_s"]
+        / results["transformers"]["decode_tok_s"],
+        "generate_speedup": results["llama_model"]["generate_tok_s"]
+        / results["transformers"]["generate_tok_s"],
+        "llama_model_decode_GB_s": weight_bytes * results["llama_model"]["decode_tok_s"] / 1e9,
+    }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "model_cpu.json"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = [
+        bench(n, CONFIGS[n], args.prompt_len, args.decode_steps, args.repeats) for n in args.configs
+    ]
+    columns = [  # (title, key, format)
+        ("prefill ours", "llama_model_prefill_tok_s", ".0f"),
+        ("hf", "transformers_prefill_tok_s", ".0f"),
+        ("x", "prefill_speedup", ".2f"),
+        ("decode ours", "llama_model_decode_tok_s", ".1f"),
+        ("hf", "transformers_decode_tok_s", ".1f"),
+        ("x", "decode_speedup", ".2f"),
+        ("generate ours", "llama_model_generate_tok_s", ".1f"),
+        ("hf", "transformers_generate_tok_s", ".1f"),
+        ("x", "generate_speedup", ".2f"),
+        ("GB/s", "llama_model_decode_GB_s", ".1f"),
+    ]
+    print(f"tokens/s at batch 1, {args.threads} threads, prompt {args.prompt_len}, float32")
+    print(
+        f"{'config':<8}{'params':>12}"
+        + "".join(f"{t:>15}" if t not in ("hf", "x") else f"{t:>9}" for t, _, _ in columns)
+    )
+    for r in rows:
+        cells = "".join(
+            f"{r[k]:>15{f}}" if t not in ("hf", "x") else f"{r[k]:>9{f}}" for t, k, f in columns
+        )
+        print(f"{r['config']:<8}{r['params']:>12,}{cells}")
+    record = {
+        "benchmark": "model_cpu",
+        "date": datetime.date.today().isoformat(),
+        "device": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
