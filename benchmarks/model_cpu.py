@@ -52,8 +52,27 @@ def twin_models(config: LlamaConfig) -> tuple[Llama, transformers.LlamaForCausal
     hf_config = transformers.LlamaConfig(**hf_fields)
     hf_config._attn_implementation = "sdpa"
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict({to_hf_name(k): v for k, v in ours.state_dict().items()}, strict=False)
+    result = hf.load_state_dict(
+        {to_hf_name(k): v for k, v in ours.state_dict().items()}, strict=False
+    )
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) != tied or result.unexpected_keys:
+        raise RuntimeError(f"weights did not transfer: {result}")
+    probe = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # same weights must mean same function before anything is timed
+        torch.testing.assert_close(ours(probe), hf(probe).logits, atol=1e-4, rtol=1e-4)
     return ours, hf
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:
@@ -199,7 +218,7 @@ def main() -> None:
     record = {
         "benchmark": "model_cpu",
         "date": datetime.date.today().isoformat(),
-        "device": platform.processor() or platform.machine(),
+        "device": cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -260,3 +260,99 @@ def test_saved_tokenizer_and_chat_template_load_in_transformers(
     assert generation["eos_token_id"] == [128_001, 128_008, 128_009]
     tokenizer_config = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_max_length"] == config.max_seq_len
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """Saving into a non-empty directory without config.json fails and leaves it untouched."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("keep me")
+    model = Llama(LlamaConfig.from_preset("debug", vocab_size=64, n_layers=1))
+    with pytest.raises(FileExistsError, match="holds no checkpoint"):
+        save_checkpoint(model, tmp_path / "runs")
+    assert (tmp_path / "runs" / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_save_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that fails midway leaves the previous checkpoint complete and no debris behind."""
+    import llama_model.checkpoint as checkpoint
+
+    model = Llama(LlamaConfig.from_preset("debug", vocab_size=64, n_layers=1))
+    model.init_weights(seed=0)
+    save_checkpoint(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_make_durable_and_shareable", fail)
+    model.init_weights(seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_saved_files_are_readable_by_others(tmp_path: Path) -> None:
+    """Saved files get the umask's permissions, not the private ones of temporary files."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(
+            Llama(LlamaConfig.from_preset("debug", vocab_size=64, n_layers=1)), tmp_path / "c"
+        )
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "c" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_index_listing_a_missing_shard_is_named(tmp_path: Path) -> None:
+    """A sharded checkpoint whose index names a file that is absent fails naming that file."""
+    hf_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_config_json_is_explained(tmp_path: Path) -> None:
+    """Unsupported RoPE types and missing keys in config.json are errors naming them."""
+    hf_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"]["rope_type"] = "yarn"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        load_checkpoint(tmp_path)
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks the key 'hidden_size'"):
+        load_checkpoint(tmp_path)
+
+
+def test_meta_shards_that_disagree_are_named(tmp_path: Path) -> None:
+    """Model-parallel shards with different tensor names fail naming the tensor and files."""
+    shards = hf_to_meta(hf_model(), 2)
+    del shards[1]["norm.weight"]
+    for rank, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"consolidated.{rank:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    with pytest.raises(ValueError, match=r"'norm\.weight' is in only one of consolidated\.00\.pth"):
+        load_checkpoint(tmp_path)
+
+
+def test_meta_checkpoint_without_output_is_tied(tmp_path: Path) -> None:
+    """A Meta checkpoint with no output.weight (Llama 3.2 1B/3B) loads as tied embeddings and
+    matches the tied transformers model."""
+    hf = hf_model(tie_word_embeddings=True)
+    shard = hf_to_meta(hf, 1)[0]
+    del shard["output.weight"]
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 320,
+              "ffn_dim": 160, "use_scaled_rope": True, "max_seq_len": 8193}  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    model = load_checkpoint(tmp_path)
+    assert model.config.tie_word_embeddings
+    assert_same_logits(model, hf)

@@ -120,6 +120,18 @@ def test_from_meta_params_reads_released_params_json() -> None:
     assert LlamaConfig.from_meta_params(params) == PRESETS["llama3.1-8b"]
 
 
+def test_from_meta_params_gives_llama32_factor_32() -> None:
+    """Meta's Llama 3.2 1B params.json (use_scaled_rope, no factor recorded) gets factor 32,
+    the value the model was trained with, not the 8 Meta's reference code hard-codes."""
+    params = {
+        "dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32,
+        "n_kv_heads": 8, "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0,
+        "use_scaled_rope": True, "vocab_size": 128256,
+    }  # fmt: skip
+    config = LlamaConfig.from_meta_params(params, tie_word_embeddings=True)
+    assert config == PRESETS["llama3.2-1b"]
+
+
 def test_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A TOML file names a preset and overrides fields; an unknown key is rejected."""
     path = tmp_path / "model.toml"

@@ -156,7 +156,29 @@ def test_init_weights_is_reproducible_and_scaled() -> None:
     wo_std = a.layers[0].attention.wo.weight.std().item()
     assert wq_std == pytest.approx(0.02, rel=0.05)
     assert wo_std == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 * 8 layers)
-    assert torch.equal(a.inv_freq, Llama(config).inv_freq)
+
+
+def test_rope_survives_dtype_cast_and_meta_build() -> None:
+    """Casting to bfloat16, or building on the meta device and loading weights, keeps the float32
+    RoPE frequencies: logits match a model built normally (frequencies are not a castable buffer)."""
+    config = tiny_config(max_seq_len=4096)
+    reference = Llama(config).eval()
+    reference.init_weights(seed=5, std=0.2)
+    tokens = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(3000, 3008)[None]  # far positions: rounded frequencies would show
+    with torch.device("meta"):
+        from_meta = Llama(config)
+    from_meta.to_empty(device="cpu")
+    from_meta.load_state_dict(reference.state_dict())
+    cast = Llama(config).to(torch.bfloat16)
+    cast.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        expected = reference(tokens, positions=positions)
+        torch.testing.assert_close(from_meta.eval()(tokens, positions=positions), expected, **TOL)
+        got = cast.eval()(tokens, positions=positions).float()
+    # bf16 weights and activations: compare against the float32 model at bf16 resolution
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert from_meta.inv_freq(torch.device("cpu")).dtype == torch.float32
 
 
 def test_init_weights_on_meta_device_is_an_error() -> None:
@@ -181,5 +203,13 @@ def test_bad_tokens_are_rejected() -> None:
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond max_seq_len"):
         model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[15, 16]]))
+    with pytest.raises(ValueError, match="position -1 is negative"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[-1, 0]]))
+    with pytest.raises(TypeError, match="positions must be an integer"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"token id 512 is outside the vocabulary \[0, 512\)"):
+        model(torch.tensor([[1, 512]]))
+    with pytest.raises(ValueError, match="token id -3"):
+        model(torch.tensor([[-3, 5]]))
     with pytest.raises(ValueError, match="document_ids must have"):
         model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 3, dtype=torch.long))

@@ -30,11 +30,20 @@ from safetensors.torch import save_file
 from llama_model._io import atomic_write_json
 from llama_model.config import LlamaConfig, RopeScaling
 from llama_model.model import Llama
+from llama_model.tokenizer import llama3_special_tokens
 
 if TYPE_CHECKING:
     from llama_model.tokenizer import Tokenizer
 
-__all__ = ["config_from_hf", "config_to_hf", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "config_from_hf",
+    "config_to_hf",
+    "from_hf_name",
+    "interleaved_to_half_split",
+    "load_checkpoint",
+    "save_checkpoint",
+    "to_hf_name",
+]
 
 # Our (Meta) parameter names ↔ Hugging Face LlamaForCausalLM names, per layer and global.
 _LAYER_NAMES = {
@@ -56,9 +65,12 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
-# Llama 3 tokenizer ids used when no tokenizer is passed to save_checkpoint (Meta tokenizer.py).
-_LLAMA3_BOS = 128_000  # <|begin_of_text|>
-_LLAMA3_STOPS = [128_001, 128_008, 128_009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+# Llama 3 tokenizer ids used when no tokenizer is passed to save_checkpoint: the 256 special
+# tokens follow the 128,000 BPE tokens, in the order tokenizer.llama3_special_tokens() gives.
+_LLAMA3_VOCAB = 128_256
+_LLAMA3_SPECIAL = {name: 128_000 + i for i, name in enumerate(llama3_special_tokens())}
+_LLAMA3_BOS = _LLAMA3_SPECIAL["<|begin_of_text|>"]
+_LLAMA3_STOPS = [_LLAMA3_SPECIAL[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
 
 
 def to_hf_name(name: str) -> str:
@@ -90,6 +102,15 @@ def from_hf_name(name: str) -> str:
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     """Translate a Hugging Face `config.json` (transformers 4.x or 5.x keys) to a LlamaConfig."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as err:
+        raise ValueError(
+            f"config.json lacks the key {err.args[0]!r} that a Llama config needs"
+        ) from None
+
+
+def _config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"config.json has model_type {model_type!r}; only 'llama' is supported")
@@ -212,7 +233,6 @@ def load_checkpoint(
     _check_state(model, state)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.init_buffers(device)
     return model.eval()
 
 
@@ -275,11 +295,23 @@ _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
 def _read_meta(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = LlamaConfig.from_meta_params(json.loads((directory / "params.json").read_text()))
+    params = json.loads((directory / "params.json").read_text())
     shard_files = sorted(directory.glob("consolidated.*.pth"))
     if not shard_files:
         raise FileNotFoundError(f"{str(directory)!r} has params.json but no consolidated.*.pth")
     shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in shard_files]
+    names = set(shards[0])
+    for file, shard in zip(shard_files[1:], shards[1:], strict=True):
+        if set(shard) != names:
+            odd = sorted(names.symmetric_difference(shard))[0]
+            raise ValueError(
+                f"model-parallel shards disagree: {odd!r} is in only one of {shard_files[0].name} "
+                f"and {file.name}"
+            )
+    # Llama 3.2 1B/3B tie the output projection to the embeddings: their files hold no output.
+    config = LlamaConfig.from_meta_params(
+        params, **({} if "output.weight" in names else {"tie_word_embeddings": True})
+    )
     state: dict[str, torch.Tensor] = {}
     for name in shards[0]:
         if name == "rope.freqs":  # precomputed RoPE table in some Meta checkpoints; recomputed here
@@ -329,8 +361,14 @@ def save_checkpoint(
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+        if any(target.iterdir()) and not (target / "config.json").is_file():
+            raise FileExistsError(
+                f"{str(target)!r} is a non-empty directory that holds no checkpoint (no "
+                "config.json); refusing to replace it: choose a new or empty directory"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
 
     state = {
@@ -340,7 +378,7 @@ def save_checkpoint(
     weight_dtype = next(iter(state.values())).dtype
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, list(tokenizer.stop_tokens)
-    elif model.config.vocab_size == 128_256:
+    elif model.config.vocab_size == _LLAMA3_VOCAB:
         bos, eos = _LLAMA3_BOS, list(_LLAMA3_STOPS)
     else:
         bos, eos = None, None
@@ -366,6 +404,7 @@ def save_checkpoint(
             from llama_model._hf_tokenizer import write_hf_tokenizer
 
             write_hf_tokenizer(tokenizer, staging, model_max_length=model.config.max_seq_len)
+        _make_durable_and_shareable(staging)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -398,13 +437,41 @@ def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_si
     )
 
 
+def _make_durable_and_shareable(directory: Path) -> None:
+    """fsync every file and the directory (so the swap never exposes unwritten data), and give
+    them the permissions the umask allows (temporary files are created private to the user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    os.chmod(directory, 0o777 & ~umask)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` by the complete `staging` directory; the old one is removed last."""
+    """Replace `target` by the complete `staging` directory; the old one is removed last, and put
+    back if the new one cannot be moved in."""
     if not target.exists():
         os.replace(staging, target)
+        _fsync_directory(target.parent)
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     backup.rmdir()
     os.replace(target, backup)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    _fsync_directory(target.parent)
     shutil.rmtree(backup, ignore_errors=True)

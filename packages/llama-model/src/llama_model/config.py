@@ -11,6 +11,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
@@ -157,13 +158,20 @@ class LlamaConfig(BaseModel):
     @classmethod
     def from_meta_params(cls, params: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
         """Read Meta's `params.json`. Keys that describe inference-time batch limits are ignored;
-        any other key this class does not know is an error."""
+        any other key this class does not know is an error.
+
+        `use_scaled_rope` gives the Llama 3.1 scaling. Meta's files do not record the factor (its
+        reference code hard-codes 8), but Llama 3.2 1B and 3B were trained with 32: those two
+        shapes get 32, as Hugging Face's converter does; pass `rope_scaling=` to override.
+        """
         params = dict(params)
         for key in ("max_batch_size",):
             params.pop(key, None)
         use_scaled_rope = params.pop("use_scaled_rope", False)
         if "rope_scaling" not in params and use_scaled_rope:
-            params["rope_scaling"] = RopeScaling().model_dump()
+            shape = (params.get("dim"), params.get("n_layers"))
+            factor = 32.0 if shape in _LLAMA32_SHAPES else 8.0
+            params["rope_scaling"] = RopeScaling(factor=factor).model_dump()
         if "n_kv_heads" not in params or params["n_kv_heads"] is None:
             params["n_kv_heads"] = params.get("n_heads")
         if "max_seq_len" not in params and params.get("rope_scaling"):
@@ -214,89 +222,92 @@ def _preset(**fields: Any) -> LlamaConfig:
 _LLAMA31_SCALING = RopeScaling(factor=8.0)  # llama-models apply_scaling: 8, 1, 4, 8192
 _LLAMA32_SCALING = RopeScaling(factor=32.0)  # Llama 3.2 1B/3B config.json: factor 32
 _LLAMA31_CONTEXT = 131_072  # 128K tokens after long-context pretraining (§3.4.2)
+_LLAMA32_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B
 
-PRESETS: dict[str, LlamaConfig] = {
-    # Llama 3 (April 2024): 8K context, no RoPE scaling.
-    "llama3-8b": _preset(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        multiple_of=1024,
-        ffn_dim_multiplier=1.3,
-        max_seq_len=8192,
-    ),
-    "llama3-70b": _preset(
-        dim=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        multiple_of=4096,
-        ffn_dim_multiplier=1.3,
-        max_seq_len=8192,
-    ),
-    # Llama 3.1 (the paper's models): 128K context with frequency scaling.
-    "llama3.1-8b": _preset(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        multiple_of=1024,
-        ffn_dim_multiplier=1.3,
-        rope_scaling=_LLAMA31_SCALING,
-        max_seq_len=_LLAMA31_CONTEXT,
-    ),
-    "llama3.1-70b": _preset(
-        dim=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        multiple_of=4096,
-        ffn_dim_multiplier=1.3,
-        rope_scaling=_LLAMA31_SCALING,
-        max_seq_len=_LLAMA31_CONTEXT,
-    ),
-    "llama3.1-405b": _preset(
-        dim=16384,
-        n_layers=126,
-        n_heads=128,
-        n_kv_heads=8,
-        multiple_of=4096,
-        ffn_dim_multiplier=1.2,
-        rope_scaling=_LLAMA31_SCALING,
-        max_seq_len=_LLAMA31_CONTEXT,
-    ),
-    # Llama 3.2 lightweight text models: tied embeddings, scaling factor 32.
-    "llama3.2-1b": _preset(
-        dim=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        multiple_of=256,
-        ffn_dim_multiplier=1.5,
-        rope_scaling=_LLAMA32_SCALING,
-        max_seq_len=_LLAMA31_CONTEXT,
-        tie_word_embeddings=True,
-    ),
-    "llama3.2-3b": _preset(
-        dim=3072,
-        n_layers=28,
-        n_heads=24,
-        n_kv_heads=8,
-        multiple_of=256,
-        ffn_dim_multiplier=1.0,
-        rope_scaling=_LLAMA32_SCALING,
-        max_seq_len=_LLAMA31_CONTEXT,
-        tie_word_embeddings=True,
-    ),
-    # Small enough to train on a laptop CPU in minutes, with the full 128,256-token vocabulary.
-    "debug": _preset(
-        dim=256,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=2,
-        multiple_of=256,
-        rope_scaling=_LLAMA31_SCALING,
-        max_seq_len=2048,
-    ),
-}
+PRESETS: Mapping[str, LlamaConfig] = MappingProxyType(
+    {
+        # Llama 3 (April 2024): 8K context, no RoPE scaling.
+        "llama3-8b": _preset(
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            multiple_of=1024,
+            ffn_dim_multiplier=1.3,
+            max_seq_len=8192,
+        ),
+        "llama3-70b": _preset(
+            dim=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.3,
+            max_seq_len=8192,
+        ),
+        # Llama 3.1 (the paper's models): 128K context with frequency scaling.
+        "llama3.1-8b": _preset(
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            multiple_of=1024,
+            ffn_dim_multiplier=1.3,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=_LLAMA31_CONTEXT,
+        ),
+        "llama3.1-70b": _preset(
+            dim=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.3,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=_LLAMA31_CONTEXT,
+        ),
+        "llama3.1-405b": _preset(
+            dim=16384,
+            n_layers=126,
+            n_heads=128,
+            n_kv_heads=8,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.2,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=_LLAMA31_CONTEXT,
+        ),
+        # Llama 3.2 lightweight text models: tied embeddings, scaling factor 32.
+        "llama3.2-1b": _preset(
+            dim=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            multiple_of=256,
+            ffn_dim_multiplier=1.5,
+            rope_scaling=_LLAMA32_SCALING,
+            max_seq_len=_LLAMA31_CONTEXT,
+            tie_word_embeddings=True,
+        ),
+        "llama3.2-3b": _preset(
+            dim=3072,
+            n_layers=28,
+            n_heads=24,
+            n_kv_heads=8,
+            multiple_of=256,
+            ffn_dim_multiplier=1.0,
+            rope_scaling=_LLAMA32_SCALING,
+            max_seq_len=_LLAMA31_CONTEXT,
+            tie_word_embeddings=True,
+        ),
+        # Small enough to train on a laptop CPU in minutes, with the full 128,256-token vocabulary.
+        "debug": _preset(
+            dim=256,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=2,
+            multiple_of=256,
+            rope_scaling=_LLAMA31_SCALING,
+            max_seq_len=2048,
+        ),
+    }
+)

@@ -42,12 +42,14 @@ def sample(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+@torch.inference_mode()
 def prefill(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt [B, T] through the model, filling `cache`; returns the last logits [B, vocab]."""
     hidden = model.hidden_states(tokens, cache=cache)
     return model.logits(hidden[:, -1])
 
 
+@torch.inference_mode()
 def decode_one_token(model: Llama, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row [B] at the cache's position; returns the next logits [B, vocab]."""
     hidden = model.hidden_states(token[:, None], cache=cache)

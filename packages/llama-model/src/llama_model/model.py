@@ -23,7 +23,16 @@ from llama_model.cache import KVCache
 from llama_model.config import LlamaConfig
 from llama_model.rope import apply_rope, rope_angles, rope_frequencies
 
-__all__ = ["Attention", "FeedForward", "Llama", "RMSNorm", "TransformerBlock", "rms_norm"]
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "Llama",
+    "RMSNorm",
+    "TransformerBlock",
+    "document_mask",
+    "document_positions",
+    "rms_norm",
+]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -145,16 +154,18 @@ class Llama(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.dim, config.vocab_size, bias=False)
         )
-        c = config
-        inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)  # [head_dim / 2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # RoPE inverse frequencies, float32, derived from the config on first use per device. Not a
+        # buffer: `.to(bfloat16)` would round them and a meta-device build would leave them empty.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the non-persistent RoPE frequency buffer on `device` (default: the weights'
-        device). Needed after building on the meta device, which leaves buffers without data."""
-        c = self.config
-        device = self.tok_embeddings.weight.device if device is None else device
-        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The float32 RoPE inverse frequencies [head_dim / 2] on `device` (computed once)."""
+        if device not in self._inv_freq:
+            c = self.config
+            self._inv_freq[device] = rope_frequencies(
+                c.head_dim, c.rope_theta, c.rope_scaling, device=device
+            )
+        return self._inv_freq[device]
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, *, std: float = 0.02) -> None:
@@ -163,7 +174,6 @@ class Llama(nn.Module):
         The paper does not state its initialisation; we use GPT-2's (Radford et al. 2019): normal(0,
         std) for embeddings and projections, with the residual-branch outputs (wo, w2) scaled by
         1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth; norm gains 1.
-        Also recomputes the RoPE frequency buffer (needed after `to_empty` from the meta device).
         """
         device = self.tok_embeddings.weight.device
         if device.type == "meta":
@@ -179,7 +189,6 @@ class Llama(nn.Module):
                 param.normal_(0.0, residual_std, generator=generator)
             else:
                 param.normal_(0.0, std, generator=generator)
-        self.init_buffers(device)
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab_size, dim] output projection (the embedding table when tied)."""
@@ -223,7 +232,7 @@ class Llama(nn.Module):
             query_pos = torch.arange(start, start + seq_len, device=tokens.device)
             mask, is_causal = key_pos[None, :] <= query_pos[:, None], False  # [T, cached + T]
 
-        cos, sin = rope_angles(positions, self.inv_freq)  # [B or 1, T, head_dim]
+        cos, sin = rope_angles(positions, self.inv_freq(tokens.device))  # [B or 1, T, head_dim]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
             h = layer(h, cos, sin, mask, is_causal, cache)
@@ -248,6 +257,8 @@ class Llama(nn.Module):
         positions: [B, T] or [1, T] RoPE positions; default 0..T-1 (after what `cache` holds).
         document_ids: [B, T] ids of the packed document each token belongs to; a token then
             attends only to earlier tokens with the same id (§3.2). Not combinable with `cache`.
+            Positions are not reset per document by this; pass `positions=document_positions(ids)`
+            for that.
         cache: a `KVCache`; the new keys and values are appended and the cache advances by T.
         """
         hidden = self.hidden_states(
@@ -294,6 +305,12 @@ def _check_tokens(tokens: torch.Tensor, config: LlamaConfig) -> tuple[int, int]:
             f"sequence length {seq_len} exceeds max_seq_len {config.max_seq_len}; "
             "truncate the input or use a config with a larger max_seq_len"
         )
+    # Value checks read the data: done on CPU only, so that a GPU step never waits on the host.
+    if tokens.device.type == "cpu":
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     return batch, seq_len
 
 
@@ -302,13 +319,23 @@ def _check_positions(
 ) -> torch.Tensor:
     if positions.dim() == 1:
         positions = positions[None, :]
-    if positions.shape[-1] != seq_len or positions.shape[0] not in (1, batch):
+    if (
+        positions.dim() != 2
+        or positions.shape[-1] != seq_len
+        or positions.shape[0] not in (1, batch)
+    ):
         raise ValueError(
             f"positions must have shape [{batch} or 1, {seq_len}], got {tuple(positions.shape)}"
         )
-    if positions.numel() and int(positions.max()) >= config.max_seq_len:
-        raise ValueError(
-            f"position {int(positions.max())} is beyond max_seq_len {config.max_seq_len}; "
-            "the model was configured for shorter sequences"
-        )
+    if positions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+    if positions.device.type == "cpu":  # value checks on CPU only (no GPU→host sync)
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0:
+            raise ValueError(f"position {low} is negative; positions count from 0")
+        if high >= config.max_seq_len:
+            raise ValueError(
+                f"position {high} is beyond max_seq_len {config.max_seq_len}; "
+                "the model was configured for shorter sequences"
+            )
     return positions
