@@ -7,14 +7,21 @@ format, and the text corpus of `corpus.py`. Loading is session-scoped because it
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 from llama_model.chat import ChatFormat
 from llama_model.tokenizer import Tokenizer
+
+# Without a GPU, tests that force llama_kernels' Triton backend run it under Triton's CPU
+# interpreter; llama_kernels imports Triton lazily, so setting this at collection is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _load_corpus() -> ModuleType:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from llama_model import Llama, LlamaConfig, RopeScaling, document_positions
+from llama_model import KVCache, Llama, LlamaConfig, RopeScaling, document_positions
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -96,6 +96,26 @@ def test_logits_match_transformers(overrides: dict[str, object]) -> None:
     )
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL)
+
+
+def test_logits_match_transformers_with_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With llama_kernels' Triton RMSNorm and RoPE (the CUDA path; here under the Triton CPU
+    interpreter) the model still matches transformers, forward and through the KV cache."""
+    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "triton")
+    config = tiny_config(n_layers=1)
+    hf = hf_model_like(config)
+    model = ours_from_hf(hf, config)
+    tokens = torch.randint(0, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        torch.testing.assert_close(model(tokens), expected, **TOL)
+        cache = KVCache.for_model(model, batch_size=1, max_seq_len=6)
+        steps = [
+            model(tokens[:, :4], cache=cache),
+            model(tokens[:, 4:5], cache=cache),
+            model(tokens[:, 5:], cache=cache),
+        ]
+        torch.testing.assert_close(torch.cat(steps, dim=1), expected, **TOL)
 
 
 def test_explicit_positions_match_transformers() -> None:

@@ -7,8 +7,11 @@ tokens of its own document (§3.2: "an attention mask that prevents self-attenti
 documents within the same sequence").
 
 Module names follow Meta's reference (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`,
-...); `checkpoint.py` maps Hugging Face names onto them. RoPE uses the half-split pair layout
-(see `rope.py`).
+...); `checkpoint.py` maps Hugging Face names onto them. RMSNorm and RoPE run through
+`llama_kernels` (Triton on CUDA, its PyTorch reference elsewhere), which also holds the one
+definition of the RoPE frequencies. RoPE rotates half-split pairs (x[i], x[i + head_dim/2]), the
+Hugging Face layout: Hugging Face checkpoints load as they are, and the rows of Meta's wq and wk
+(interleaved pairs) are permuted once at load time.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_kernels import apply_rope, rms_norm, rope_frequencies
 from llama_model.cache import KVCache
 from llama_model.config import LlamaConfig
-from llama_model.rope import apply_rope, rope_angles, rope_frequencies
 
 __all__ = [
     "Attention",
@@ -31,19 +34,12 @@ __all__ = [
     "TransformerBlock",
     "document_mask",
     "document_positions",
-    "rms_norm",
 ]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x²) + eps) · weight, with the statistics in float32 (Zhang & Sennrich 2019)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return normed.type_as(x) * weight
-
-
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm with a learned per-channel gain (no bias, no mean subtraction)."""
+    """Root-mean-square layer norm (Zhang & Sennrich 2019) with a learned per-channel gain, no bias,
+    no mean subtraction; statistics in float32 (`llama_kernels.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -73,8 +69,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
@@ -83,7 +79,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, k, positions, inv_freq)  # half-split pairs, the HF layout
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, n_kv_heads, cached + T, head_dim]
@@ -124,13 +120,13 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache)
+        h = x + self.attention(self.attention_norm(x), positions, inv_freq, mask, is_causal, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -161,10 +157,20 @@ class Llama(nn.Module):
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """The float32 RoPE inverse frequencies [head_dim / 2] on `device` (computed once)."""
         if device not in self._inv_freq:
-            c = self.config
-            self._inv_freq[device] = rope_frequencies(
-                c.head_dim, c.rope_theta, c.rope_scaling, device=device
-            )
+            c, s = self.config, self.config.rope_scaling
+            if s is None:
+                inv_freq = rope_frequencies(c.head_dim, c.rope_theta, device=device)
+            else:
+                inv_freq = rope_frequencies(
+                    c.head_dim,
+                    c.rope_theta,
+                    scaling_factor=s.factor,
+                    low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor,
+                    original_max_seq_len=s.original_max_seq_len,
+                    device=device,
+                )
+            self._inv_freq[device] = inv_freq
         return self._inv_freq[device]
 
     @torch.no_grad()
@@ -232,10 +238,10 @@ class Llama(nn.Module):
             query_pos = torch.arange(start, start + seq_len, device=tokens.device)
             mask, is_causal = key_pos[None, :] <= query_pos[:, None], False  # [T, cached + T]
 
-        cos, sin = rope_angles(positions, self.inv_freq(tokens.device))  # [B or 1, T, head_dim]
+        inv_freq = self.inv_freq(tokens.device)  # [head_dim / 2], float32
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, is_causal, cache)
+            h = layer(h, positions, inv_freq, mask, is_causal, cache)
         if cache is not None:
             cache.advance(seq_len)
         return self.norm(h)

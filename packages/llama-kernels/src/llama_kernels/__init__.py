@@ -1,0 +1,32 @@
+"""llama_kernels: the kernels Llama 3 relies on, each a Triton kernel with a PyTorch reference.
+
+Fused RMSNorm (forward and backward), fused RoPE for q and k in one launch with Llama 3.1
+frequency scaling, and FP8 row-wise quantisation and matmul for inference (§6.2 of "The Llama 3
+Herd of Models", arXiv 2407.21783). Every op is a registered `torch.library` custom op with an
+autograd formula, so `torch.compile(fullgraph=True)` traces through it. The Triton kernels run on
+CUDA tensors and the PyTorch references everywhere else; `LLAMA_KERNELS_BACKEND=torch|triton`
+overrides that, and `TRITON_INTERPRET=1` runs the Triton kernels on the CPU (how CI tests them).
+"""
+
+from llama_kernels.fp8 import (
+    Fp8RowwiseLinear,
+    fp8_rowwise_matmul,
+    quantize_fp8_rowwise,
+    quantize_model_fp8,
+)
+from llama_kernels.rms_norm import rms_norm
+from llama_kernels.rope import RopeLayout, apply_rope, rope_frequencies
+
+__all__ = [
+    # normalisation
+    "rms_norm",
+    # rotary position embeddings
+    "RopeLayout",
+    "apply_rope",
+    "rope_frequencies",
+    # FP8 inference (§6.2)
+    "Fp8RowwiseLinear",
+    "fp8_rowwise_matmul",
+    "quantize_fp8_rowwise",
+    "quantize_model_fp8",
+]
