@@ -422,3 +422,27 @@ def test_custom_ops_pass_opcheck(
         torch.ops.llama_kernels.rms_norm_backward.default,
         (grad_out, x.detach(), weight.detach(), rstd),
     )
+
+
+def test_reference_inference_skips_the_custom_op_with_identical_results(
+    torch_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd on the reference backend, rms_norm computes the op's function directly
+    (no custom-op dispatch), bit for bit what the op returns."""
+    import importlib
+
+    module = importlib.import_module("llama_kernels.rms_norm")  # the attribute is the function
+
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.bfloat16)
+    expected = torch.ops.llama_kernels.rms_norm(x, w, 1e-5)[0]
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("the custom op ran on the inference fast path")
+
+    monkeypatch.setattr(module, "_rms_norm_op", must_not_run)
+    with torch.no_grad():
+        got = module.rms_norm(x, w, 1e-5)
+    assert torch.equal(got, expected)
+    with pytest.raises(AssertionError, match="custom op ran"):
+        module.rms_norm(x, w.requires_grad_(), 1e-5)  # gradients needed: the op (and its autograd)

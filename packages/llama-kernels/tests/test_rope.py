@@ -530,3 +530,26 @@ def test_apply_rope_rejects_unknown_layout() -> None:
         ValueError, match=r"layout must be one of \('half_split', 'interleaved'\), got 'meta'"
     ):
         apply_rope(q, k, positions, inv_freq, layout="meta")  # type: ignore[arg-type]
+
+
+def test_reference_inference_skips_the_custom_op_with_identical_results(
+    torch_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd on the reference backend, apply_rope computes the op's function directly
+    (no custom-op dispatch), bit for bit what the op returns."""
+    import llama_kernels.rope as module
+
+    q, k = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 2, 16)
+    positions = torch.arange(7)
+    inv_freq = module.rope_frequencies(16, 500_000.0, scaling_factor=8.0)
+    expected = torch.ops.llama_kernels.apply_rope(q, k, positions, inv_freq, "half_split")
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("the custom op ran on the inference fast path")
+
+    monkeypatch.setattr(module, "_apply_rope_op", must_not_run)
+    with torch.no_grad():
+        got = module.apply_rope(q, k, positions, inv_freq)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(AssertionError, match="custom op ran"):
+        module.apply_rope(q.requires_grad_(), k, positions, inv_freq)

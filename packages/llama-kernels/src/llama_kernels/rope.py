@@ -342,5 +342,11 @@ def apply_rope(
     positions and inv_freq get no gradient.
     """
     _check_inputs(q, k, positions, inv_freq, layout)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if not needs_grad and backend_for(q) != "triton":
+        # Inference on the reference backend: what the op would run, without the custom-op
+        # dispatch (tens of microseconds per call, which a CPU decode step feels).
+        q_rot, k_rot = _rotate(q, k, positions, inv_freq, layout, inverse=False)
+        return q_rot.contiguous(), k_rot.contiguous()
     q_rot, k_rot = _apply_rope_op(q, k, positions, inv_freq, layout)
     return q_rot, k_rot
