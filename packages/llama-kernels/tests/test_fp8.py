@@ -141,11 +141,28 @@ def test_quantize_nan_row_gets_nan_scale(backend: str, device: str) -> None:
     """A NaN makes its row's scale NaN (so the whole dequantized row is NaN); other rows are
     unaffected."""
     x = torch.ones(3, 70, device=device)
+    x[:, ::3] = -2.0  # negative values in the NaN row too
     x[1, 37] = float("nan")
-    _, scale = quantize_fp8_rowwise(x)
+    x_fp8, scale = quantize_fp8_rowwise(x)
     assert math.isnan(float(scale[1]))
-    expected = torch.tensor(1.0, dtype=torch.float32) / FP8_E4M3_MAX
+    expected = torch.tensor(2.0, dtype=torch.float32) / FP8_E4M3_MAX
     assert scale[[0, 2]].tolist() == [expected.item()] * 2
+    # The NaN itself stays NaN in e4m3 (saturating clamps and rounding must not turn it into ±448
+    # or 0), so the bytes agree with the reference's.
+    reference_fp8, _ = quantize_fp8_rowwise_reference(x.cpu())
+    assert torch.equal(x_fp8.cpu().view(torch.uint8), reference_fp8.view(torch.uint8))
+    assert math.isnan(float(x_fp8[1, 37].float()))
+
+
+def test_matmul_propagates_nan_to_bf16_output(backend: str, device: str) -> None:
+    """A NaN activation row comes out of the bf16 matmul as NaN, never as a silent number."""
+    x = torch.randn(4, 64, device=device)
+    x[2, 5] = float("nan")
+    w_fp8, w_scale = quantize_fp8_rowwise(torch.randn(32, 64, device=device))
+    out = fp8_rowwise_matmul(*quantize_fp8_rowwise(x), w_fp8, w_scale, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.isnan(out[2]).all()
+    assert torch.isfinite(out[[0, 1, 3]]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +232,7 @@ def test_matmul_triton_matches_reference(
     float64 product of the dequantized operands."""
     x_fp8, x_scale, w_fp8, w_scale, bias = _quantized_operands(m, n, k, device)
     b = bias if with_bias else None
-    out = fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, b, out_dtype=out_dtype)
+    out = fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias=b, out_dtype=out_dtype)
     assert out.shape == (m, n) and out.dtype == out_dtype
     _check_against_float64(out, x_fp8, x_scale, w_fp8, w_scale, b, TRITON_ACCUMULATION_EPS)
     ref = fp8_rowwise_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, b, out_dtype)
@@ -226,9 +243,9 @@ def test_matmul_flattens_leading_dims(backend: str, device: str) -> None:
     """x_fp8 [B, T, K] with x_scale [B, T] gives [B, T, N], the same as the flattened call."""
     x_fp8, x_scale, w_fp8, w_scale, bias = _quantized_operands(6, 40, 72, device)
     out_3d = fp8_rowwise_matmul(
-        x_fp8.view(2, 3, 72), x_scale.view(2, 3), w_fp8, w_scale, bias, out_dtype=torch.float32
+        x_fp8.view(2, 3, 72), x_scale.view(2, 3), w_fp8, w_scale, bias=bias, out_dtype=torch.float32
     )
-    out_2d = fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype=torch.float32)
+    out_2d = fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias=bias, out_dtype=torch.float32)
     assert out_3d.shape == (2, 3, 40)
     torch.testing.assert_close(out_3d.view(6, 40), out_2d, rtol=0, atol=0)
 
@@ -271,7 +288,9 @@ def test_matmul_scale_and_bias_gradients(torch_backend: None) -> None:
     x_fp8, x_scale, w_fp8, w_scale, bias = _quantized_operands(7, 11, 24, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x_scale, w_scale, bias)]
     upstream = torch.randn(7, 11, generator=torch.Generator().manual_seed(3))
-    out = fp8_rowwise_matmul(x_fp8, leaves[0], w_fp8, leaves[1], leaves[2], torch.float32)
+    out = fp8_rowwise_matmul(
+        x_fp8, leaves[0], w_fp8, leaves[1], bias=leaves[2], out_dtype=torch.float32
+    )
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in (x_scale, w_scale, bias)]
     product = x_fp8.double() @ w_fp8.double().T
@@ -448,7 +467,8 @@ def test_quantize_model_fp8_rejects_models_it_cannot_quantize() -> None:
     clear error naming what is missing, with the model left unchanged."""
     with pytest.raises(ValueError, match=r"2 layer\(s\): nothing would be quantized"):
         quantize_model_fp8(_TinyLlama(n_layers=2))
-    assert quantize_model_fp8(_TinyLlama(n_layers=2), skip_first_last=False) is not None
+    both = quantize_model_fp8(_TinyLlama(n_layers=2), skip_first_last=False)
+    assert all(isinstance(block.feed_forward.w1, Fp8RowwiseLinear) for block in both.layers)
     with pytest.raises(TypeError, match="Linear has no attribute `layers`"):
         quantize_model_fp8(nn.Linear(4, 4))
     model = _TinyLlama(n_layers=4)
@@ -484,7 +504,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"w_scale must have shape \[N\] = \(6,\)"):
         fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale[:5])
     with pytest.raises(ValueError, match=r"bias must have shape \[N\] = \(6,\), got \(5,\)"):
-        fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias[:5])
+        fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias=bias[:5])
     with pytest.raises(TypeError, match=r"out_dtype must be .* got torch.int32"):
         fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=torch.int32)
     for bad in (0.0, -1.0, float("nan")):

@@ -40,17 +40,16 @@ and multiplies in numpy with an fp32 result), so the GEMM needs no interpreter-o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from llama_kernels._backend import _interpreting
 from llama_kernels.fp8 import FP8_E4M3_MAX, MIN_ROW_MAX
 
 __all__ = ["fp8_rowwise_matmul_triton", "quantize_fp8_rowwise_triton"]
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETING = _interpreting()
 # Promote Hopper's reduced-precision fp8 partial sums to fp32 once per BLOCK_K (see docstring).
 PRECISE_ACC = True
 
@@ -77,7 +76,8 @@ def _round_to_e4m3_grid(y):
     steps = (abs_y * 512.0 + 8388608.0) - 8388608.0
     subnormal = (steps * 0.001953125).to(tl.uint32, bitcast=True)
     rounded = tl.where(magnitude >= 0x3C800000, normal, subnormal)  # 0x3C800000 is 2^-6
-    return (rounded | sign).to(tl.float32, bitcast=True)
+    out = (rounded | sign).to(tl.float32, bitcast=True)
+    return tl.where(y != y, y, out)  # NaN stays NaN (the bit trick would turn it into a number)
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _round_to_bf16_grid(y):
     """Round fp32 `y` to the nearest bfloat16 value, ties to even (inf and NaN stay); fp32 out."""
     bits = y.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.to(tl.float32, bitcast=True)
+    return tl.where(y != y, y, rounded.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 
 @triton.jit
@@ -130,8 +130,15 @@ def _quantize_fp8_rowwise_kernel(
         mask = row_mask[:, None] & (start + cols[None, :] < K)
         x = tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = tl.div_rn(x, tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        q = _round_to_e4m3_grid(y).to(tl.float8e4nv)
+        y = tl.minimum(
+            tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL),
+            FP8_MAX,
+            propagate_nan=tl.PropagateNan.ALL,
+        )  # saturate, but keep a NaN a NaN (the default NaN rule on a GPU would clamp it)
+        # Stored as the e4m3 bit pattern through a uint8 view: a NaN is written as e4m3's NaN, 0x7F
+        # (what torch's cast gives), explicitly: the interpreter's fp8 cast does not keep NaN.
+        q = _round_to_e4m3_grid(y).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        q = tl.where(y != y, tl.full(q.shape, 0x7F, tl.uint8), q)
         tl.store(q_rows + start + cols[None, :], q, mask=mask)
 
 
@@ -156,7 +163,7 @@ def quantize_fp8_rowwise_triton(
         block_m = min(triton.next_power_of_2(rows), max(_QUANTIZE_TILE // block_k, 1))
         _quantize_fp8_rowwise_kernel[(triton.cdiv(rows, block_m),)](
             x2,
-            q,
+            q.view(torch.uint8),
             scale,
             rows,
             k,

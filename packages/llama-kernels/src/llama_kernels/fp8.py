@@ -9,7 +9,7 @@ to zero. The production implementation is FBGEMM's row-wise FP8 (`quantize_fp8_r
 
 - `quantize_fp8_rowwise(x, scale_ub)`: x [..., K] → (x_fp8 [..., K] e4m3, scale [...] fp32) with
   scale = min(max|x_row|, scale_ub) / 448 and x ≈ x_fp8 · scale.
-- `fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)`: (x_fp8 @ w_fp8ᵀ) in fp32,
+- `fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, *, bias, out_dtype)`: (x_fp8 @ w_fp8ᵀ) in fp32,
   times x_scale[:, None] · w_scale[None, :], plus bias, cast to out_dtype.
 - `Fp8RowwiseLinear`: an nn.Linear replacement holding its weight in e4m3 with per-output-row scales.
 - `quantize_model_fp8(model)`: the paper's recipe applied to a `llama_model.Llama` in place.
@@ -63,7 +63,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def quantize_fp8_rowwise_reference(x: Tensor, scale_ub: float = SCALE_UB) -> tuple[Tensor, Tensor]:
     """Row-wise FP8 quantization in plain PyTorch: see `quantize_fp8_rowwise`."""
-    x32 = x.float()
+    x32 = x.float().contiguous()  # contiguous outputs, as the Triton kernel and the fake give
     row_max = x32.abs().amax(dim=-1).clamp(max=scale_ub).clamp(min=MIN_ROW_MAX)  # [...]
     # A true division: `tensor / python_float` on CUDA multiplies by the rounded reciprocal, which
     # can differ in the last bit (the Triton kernel divides exactly, with tl.div_rn).
@@ -97,9 +97,18 @@ def fp8_rowwise_matmul_reference(
 # ---------------------------------------------------------------------------------------------
 
 
+def _fp8_triton(x: Tensor) -> bool:
+    """Run the Triton FP8 kernels? Only where FP8 exists in hardware: CUDA compute capability 8.9
+    (Ada) or newer, e.g. H100; older GPUs (A100) use the reference, on the GPU, instead of failing
+    to compile. On the CPU, Triton means its interpreter (TRITON_INTERPRET=1)."""
+    if backend_for(x) != "triton":
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
 @torch.library.custom_op("llama_kernels::quantize_fp8_rowwise", mutates_args=())
 def _quantize_fp8_rowwise_op(x: Tensor, scale_ub: float) -> tuple[Tensor, Tensor]:
-    if backend_for(x) == "triton":
+    if _fp8_triton(x):
         from llama_kernels._triton_fp8 import quantize_fp8_rowwise_triton
 
         return quantize_fp8_rowwise_triton(x, scale_ub)
@@ -154,7 +163,7 @@ def _fp8_rowwise_matmul_op(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    if backend_for(x_fp8) == "triton":
+    if _fp8_triton(x_fp8):
         from llama_kernels._triton_fp8 import fp8_rowwise_matmul_triton
 
         return fp8_rowwise_matmul_triton(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
@@ -263,6 +272,7 @@ def fp8_rowwise_matmul(
     x_scale: Tensor,
     w_fp8: Tensor,
     w_scale: Tensor,
+    *,
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
@@ -382,7 +392,7 @@ class Fp8RowwiseLinear(nn.Module):
             )
         x_fp8, x_scale = quantize_fp8_rowwise(x, self.scale_ub)  # [..., K], [...]
         return fp8_rowwise_matmul(
-            x_fp8, x_scale, self.weight_fp8, self.weight_scale, self.bias, out_dtype=x.dtype
+            x_fp8, x_scale, self.weight_fp8, self.weight_scale, bias=self.bias, out_dtype=x.dtype
         )
 
     def extra_repr(self) -> str:

@@ -121,6 +121,13 @@ def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) of RMSNorm; rstd [...] (stats dtype) is kept for the backward."""
+    return _forward(x, weight, eps)
+
+
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's body: contiguous inputs, then the backend `_use_triton` picks."""
     x, weight = x.contiguous(), weight.contiguous()
     if _use_triton(x, weight):
         from llama_kernels import _triton_rms_norm
@@ -202,6 +209,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not needs_grad and not _use_triton(x, weight):
         # Inference on the reference backend: the same function the op would run, without the
         # custom-op dispatch (tens of microseconds per call, which a CPU decode step feels).
-        return _forward_torch(x.contiguous(), weight, float(eps))[0].contiguous()
+        return _forward(x, weight, float(eps))[0]
     y, _rstd = _rms_norm_op(x, weight, float(eps))
     return y

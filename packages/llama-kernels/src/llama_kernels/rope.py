@@ -278,8 +278,10 @@ def _check_inputs(
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     head_dim = q.shape[-1]
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even to form rotation pairs, got {head_dim}")
+    if head_dim == 0 or head_dim % 2:
+        raise ValueError(
+            f"head_dim must be even and positive to form rotation pairs, got {head_dim}"
+        )
     if k.shape[-1] != head_dim:
         raise ValueError(f"q and k head_dim differ: q has {head_dim}, k has {k.shape[-1]}")
     if q.shape[:2] != k.shape[:2]:
@@ -346,7 +348,6 @@ def apply_rope(
     if not needs_grad and backend_for(q) != "triton":
         # Inference on the reference backend: what the op would run, without the custom-op
         # dispatch (tens of microseconds per call, which a CPU decode step feels).
-        q_rot, k_rot = _rotate(q, k, positions, inv_freq, layout, inverse=False)
-        return q_rot.contiguous(), k_rot.contiguous()
+        return _rotate(q, k, positions, inv_freq, layout, inverse=False)
     q_rot, k_rot = _apply_rope_op(q, k, positions, inv_freq, layout)
     return q_rot, k_rot
