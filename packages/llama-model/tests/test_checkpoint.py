@@ -356,3 +356,19 @@ def test_meta_checkpoint_without_output_is_tied(tmp_path: Path) -> None:
     model = load_checkpoint(tmp_path)
     assert model.config.tie_word_embeddings
     assert_same_logits(model, hf)
+
+
+def test_save_converts_dtype_on_the_way_out(tmp_path: Path) -> None:
+    """save_checkpoint(dtype=bfloat16) writes bfloat16 tensors and config from a float32 model,
+    leaving the model itself in float32."""
+    model = Llama(LlamaConfig.from_preset("debug", vocab_size=64, n_layers=1))
+    model.init_weights(seed=0)
+    save_checkpoint(model, tmp_path / "c", dtype=torch.bfloat16, max_shard_size=50_000)
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = load_checkpoint(tmp_path / "c")
+    assert model.tok_embeddings.weight.dtype == torch.float32
+    for (name, a), b in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert b.dtype == torch.bfloat16, name
+        assert torch.equal(a.to(torch.bfloat16), b), name

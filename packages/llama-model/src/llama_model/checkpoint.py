@@ -231,7 +231,8 @@ def load_checkpoint(
     with torch.device("meta"):
         model = Llama(config)
     _check_state(model, state)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    for name in list(state):  # one tensor at a time: never two copies of the model in memory
+        state[name] = state[name].to(device=device, dtype=dtype or state[name].dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -371,11 +372,9 @@ def save_checkpoint(
             )
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    state = {
-        to_hf_name(name): tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-        for name, tensor in model.state_dict().items()
-    }
-    weight_dtype = next(iter(state.values())).dtype
+    # References only: each shard is moved to the CPU and converted while it is written.
+    state = {to_hf_name(name): tensor.detach() for name, tensor in model.state_dict().items()}
+    weight_dtype = dtype or next(iter(state.values())).dtype
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, list(tokenizer.stop_tokens)
     elif model.config.vocab_size == _LLAMA3_VOCAB:
@@ -387,7 +386,7 @@ def save_checkpoint(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     )
     try:
-        _write_weights(state, staging, max_shard_size)
+        _write_weights(state, staging, max_shard_size, weight_dtype)
         atomic_write_json(
             staging / "config.json",
             config_to_hf(model.config, dtype=weight_dtype, bos_token_id=bos, eos_token_id=eos),
@@ -412,25 +411,36 @@ def save_checkpoint(
     return target
 
 
-def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _write_weights(
+    state: dict[str, torch.Tensor], directory: Path, max_shard_size: int, dtype: torch.dtype
+) -> None:
+    """Write `state` as safetensors shards of at most `max_shard_size` bytes (in `dtype`), with an
+    index when there is more than one; only one shard is held on the CPU at a time."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * itemsize
         if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
+
+    def materialise(names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: state[n].to(device="cpu", dtype=dtype).contiguous() for n in names}
+
     if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            materialise(shards[0]), directory / "model.safetensors", metadata={"format": "pt"}
+        )
         return
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
+    for i, names in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        save_file(materialise(names), directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * itemsize for t in state.values())
     atomic_write_json(
         directory / "model.safetensors.index.json",
         {"metadata": {"total_size": total}, "weight_map": weight_map},
