@@ -1,0 +1,69 @@
+"""llama_data: documents in, curated token shards out (§3.1 of "The Llama 3 Herd of Models").
+
+Readers for JSONL, Parquet and WARC; HTML-to-text extraction that keeps code and math; URL block
+lists, PII scrubbing, Gopher-style quality rules, the paper's duplicated-n-gram, dirty-word and
+token-distribution heuristics and fastText language identification; URL, exact, MinHash and line
+deduplication; weighted mixing; token shards for llama-train; and a resumable parallel `Pipeline`.
+It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
+"""
+
+from llama_data.dedup import ExactDedup, LineDedup, NearDedup, UrlDedup
+from llama_data.document import Document, Filter, Mapper, Step, StepStats
+from llama_data.extract import HtmlExtractor, extract_text
+from llama_data.filters import DirtyWordFilter, TokenKLFilter, UrlBlocklist
+from llama_data.langid import LanguageFilter, LanguageIdentifier, route_by_language
+from llama_data.minhash import LshIndex, MinHasher
+from llama_data.mix import ANNEALING_MIX, LLAMA3_PRETRAINING_MIX, mix
+from llama_data.pii import PiiScrubber
+from llama_data.pipeline import Pipeline, PipelineReport
+from llama_data.quality_rules import GopherQualityFilter, GopherRepetitionFilter
+from llama_data.readers import read_documents, read_jsonl, read_parquet, write_jsonl
+from llama_data.shards import Manifest, write_token_shards
+from llama_data.token_shards import TokenShards
+from llama_data.warc import read_warc
+
+__all__ = [
+    # documents and steps
+    "Document",
+    "Filter",
+    "Mapper",
+    "Step",
+    "StepStats",
+    # reading and writing
+    "read_documents",
+    "read_jsonl",
+    "read_parquet",
+    "read_warc",
+    "write_jsonl",
+    # extraction
+    "HtmlExtractor",
+    "extract_text",
+    # filters
+    "DirtyWordFilter",
+    "GopherQualityFilter",
+    "GopherRepetitionFilter",
+    "PiiScrubber",
+    "TokenKLFilter",
+    "UrlBlocklist",
+    # language identification
+    "LanguageFilter",
+    "LanguageIdentifier",
+    "route_by_language",
+    # deduplication
+    "ExactDedup",
+    "LineDedup",
+    "LshIndex",
+    "MinHasher",
+    "NearDedup",
+    "UrlDedup",
+    # mixing
+    "ANNEALING_MIX",
+    "LLAMA3_PRETRAINING_MIX",
+    "mix",
+    # token shards and pipelines
+    "Manifest",
+    "Pipeline",
+    "PipelineReport",
+    "TokenShards",
+    "write_token_shards",
+]

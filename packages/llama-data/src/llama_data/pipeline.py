@@ -1,0 +1,207 @@
+"""Run a chain of steps over many input files in parallel, resumably, with per-step statistics.
+
+Each input file is one unit of work: it is read (`read_documents`), passed through the steps in
+order, and written to `out_dir/parts/part-NNNNN.jsonl.gz` together with a statistics file
+`part-NNNNN.stats.json`. The statistics file is written last, atomically, and names a fingerprint of
+the input and the steps: it is the part's commit marker. A run that is killed and restarted with the
+same inputs and steps therefore skips every part whose marker matches and redoes the others from
+scratch, so no document is lost or duplicated, and the output is the same as an uninterrupted run.
+
+Steps that need the whole corpus at once (URL, exact, near and line deduplication, §3.1.1) are run
+afterwards over the parts' outputs, in one process, by passing them as `global_steps`.
+
+Parts run in worker processes (`workers`); steps must be picklable (load models lazily). A progress
+bar shows files done. `run` returns, and writes to `out_dir/stats.json`, every step's kept and
+dropped counts per reason, and the readers' error counts with example locations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from llama_data.document import Document, Step, StepStats
+from llama_data.readers import read_documents, read_jsonl, write_jsonl
+
+__all__ = ["Pipeline", "PipelineReport"]
+
+READ = "read"
+
+
+@dataclass
+class PipelineReport:
+    """What a run did: statistics per step (the reader's under "read"), and which parts it
+    computed now versus found done from an earlier run."""
+
+    stats: dict[str, StepStats] = field(default_factory=dict)
+    parts_run: list[str] = field(default_factory=list)
+    parts_skipped: list[str] = field(default_factory=list)
+
+    def merge(self, part_stats: dict[str, StepStats]) -> None:
+        for name, stats in part_stats.items():
+            self.stats.setdefault(name, StepStats()).merge(stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": {name: s.to_dict() for name, s in self.stats.items()},
+            "parts_run": self.parts_run,
+            "parts_skipped": self.parts_skipped,
+        }
+
+
+class Pipeline:
+    """`steps` run per input file, in parallel; `global_steps` run once over everything after."""
+
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        *,
+        global_steps: Sequence[Step] = (),
+        reader_options: dict[str, Any] | None = None,
+    ) -> None:
+        names = [s.name for s in (*steps, *global_steps)]
+        duplicates = sorted({n for n in names if names.count(n) > 1} | ({READ} & set(names)))
+        if duplicates:
+            raise ValueError(
+                f"step names must be unique and not {READ!r} (they key the statistics); "
+                f"repeated or reserved: {duplicates}"
+            )
+        self.steps = list(steps)
+        self.global_steps = list(global_steps)
+        self.reader_options = dict(reader_options or {})
+
+    def fingerprint(self, path: Path) -> str:
+        """Identifies a part's work: the input file (path, size, mtime) and the steps' config."""
+        stat = path.stat()
+        recipe = repr(
+            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.reader_options,
+             [(type(s).__qualname__, s.name, sorted(vars(s).items(), key=str)) for s in self.steps])
+        )  # fmt: skip
+        return hashlib.sha256(recipe.encode()).hexdigest()
+
+    def run(
+        self,
+        inputs: Sequence[str | os.PathLike[str]],
+        out_dir: str | os.PathLike[str],
+        *,
+        workers: int = 1,
+        progress: bool = True,
+    ) -> PipelineReport:
+        """Process `inputs` into `out_dir` (resuming a previous run there); see the module doc."""
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        paths = [Path(p) for p in inputs]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"input files not found: {missing[:5]}")
+        out = Path(out_dir)
+        parts = out / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        report = PipelineReport()
+        todo: list[tuple[Path, Path, str]] = []
+        for i, path in enumerate(paths):
+            part = parts / f"part-{i:05d}"
+            fingerprint = self.fingerprint(path)
+            done = _load_marker(part, fingerprint)
+            if done is None:
+                todo.append((path, part, fingerprint))
+            else:
+                report.parts_skipped.append(part.name)
+                report.merge(done)
+
+        bar = tqdm(
+            total=len(paths), initial=len(paths) - len(todo), unit="file", disable=not progress
+        )
+        with bar:
+            if workers == 1 or len(todo) <= 1:
+                results: Iterable[tuple[str, dict[str, StepStats]]] = (
+                    _run_part(self, *job) for job in todo
+                )
+                for name, stats in results:
+                    report.parts_run.append(name)
+                    report.merge(stats)
+                    bar.update()
+            else:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    futures = [pool.submit(_run_part, self, *job) for job in todo]
+                    for future in futures:
+                        name, stats = future.result()
+                        report.parts_run.append(name)
+                        report.merge(stats)
+                        bar.update()
+
+        if self.global_steps:
+            self._run_global(parts, len(paths), out, report)
+        _atomic_json(out / "stats.json", report.to_dict())
+        return report
+
+    def _run_global(self, parts: Path, n_parts: int, out: Path, report: PipelineReport) -> None:
+        read_stats = StepStats()
+
+        def everything() -> Iterator[Document]:
+            for i in range(n_parts):
+                yield from read_jsonl(parts / f"part-{i:05d}.jsonl.gz", stats=read_stats)
+
+        docs: Iterable[Document] = everything()
+        for step in self.global_steps:
+            docs = step.run(docs, report.stats.setdefault(step.name, StepStats()))
+        write_jsonl(docs, out / "documents.jsonl.gz")
+
+
+def _run_part(
+    pipeline: Pipeline, path: Path, part: Path, fingerprint: str
+) -> tuple[str, dict[str, StepStats]]:
+    """Process one input file into its part (output, then the statistics marker)."""
+    stats = {READ: StepStats()}
+    docs: Iterable[Document] = read_documents(path, stats=stats[READ], **pipeline.reader_options)
+    for step in pipeline.steps:
+        stats[step.name] = StepStats()
+        docs = step.run(docs, stats[step.name])
+    write_jsonl(docs, part.with_suffix(".jsonl.gz"))
+    _atomic_json(
+        part.with_suffix(".stats.json"),
+        {
+            "fingerprint": fingerprint,
+            "input": str(path),
+            "steps": {n: s.to_dict() for n, s in stats.items()},
+        },
+    )
+    return part.name, stats
+
+
+def _load_marker(part: Path, fingerprint: str) -> dict[str, StepStats] | None:
+    """The statistics of a part finished with this fingerprint, or None if it must be (re)done."""
+    marker = part.with_suffix(".stats.json")
+    if not marker.is_file() or not part.with_suffix(".jsonl.gz").is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("fingerprint") != fingerprint:
+        return None
+    result = {}
+    for name, d in data["steps"].items():
+        s = StepStats(kept=d["kept"])
+        s.dropped.update(d["dropped"])
+        s.errors.update(d["errors"])
+        s.error_examples = {k: list(v) for k, v in d["error_examples"].items()}
+        result[name] = s
+    return result
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,179 @@
+"""Reading token shards: `TokenShards` memory-maps a directory written by `write_token_shards`.
+
+This is the side llama-train uses (DESIGN.md, "Token shards"): documents by index or in order,
+without loading the dataset, and `sample_sequences` packing documents into fixed-length windows with
+a document id per token for the cross-document attention mask of §3.2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from llama_data.shards import (
+    OFFSET_DTYPE,
+    TOKEN_DTYPE,
+    Manifest,
+    ShardInfo,
+)
+
+__all__ = ["TokenShards"]
+
+
+class TokenShards:
+    """A token shard directory, read lazily with `numpy.memmap`: documents by index or in order.
+
+    Opening checks the manifest (format, version, counts) and that every shard's files match it
+    in size; `verify` also checks the token files' SHA-256. Arrays returned are read-only views
+    into the memory-mapped files (copy them to modify).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.manifest: Manifest = Manifest.read(self.path)
+        """The validated manifest."""
+        self._offsets: list[npt.NDArray[np.int64]] = []
+        self._tokens: dict[int, npt.NDArray[np.uint32]] = {}
+        for shard in self.manifest.shards:
+            self._offsets.append(self._open_offsets(shard))
+            token_path = self.path / shard.file
+            size = token_path.stat().st_size if token_path.is_file() else None
+            if size != shard.num_tokens * TOKEN_DTYPE.itemsize:
+                raise ValueError(
+                    f"token shard {token_path} is {size} bytes but the manifest says "
+                    f"{shard.num_tokens} uint32 tokens ({shard.num_tokens * 4} bytes); the "
+                    "dataset is incomplete or corrupt"
+                )
+        # First global document index of each shard, plus the total: [num_shards + 1].
+        self._first_document = np.cumsum(
+            [0, *(shard.num_documents for shard in self.manifest.shards)], dtype=np.int64
+        )
+
+    def _open_offsets(self, shard: ShardInfo) -> npt.NDArray[np.int64]:
+        index_path = self.path / shard.index
+        offsets = np.load(index_path, mmap_mode="r", allow_pickle=False)
+        expected = (shard.num_documents + 1,)
+        if (
+            offsets.shape != expected
+            or offsets.dtype != OFFSET_DTYPE
+            or offsets[0] != 0
+            or offsets[-1] != shard.num_tokens
+        ):
+            raise ValueError(
+                f"offsets file {index_path} has shape {offsets.shape}, dtype {offsets.dtype}, "
+                f"but the manifest expects {expected} int64 offsets from 0 to "
+                f"{shard.num_tokens}; the dataset is corrupt"
+            )
+        return cast(npt.NDArray[np.int64], offsets)
+
+    def __len__(self) -> int:
+        """Number of documents."""
+        return self.manifest.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of tokens in all shards."""
+        return self.manifest.num_tokens
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shard files."""
+        return len(self.manifest.shards)
+
+    def shard(self, j: int) -> npt.NDArray[np.uint32]:
+        """The tokens of shard `j`, memory-mapped read-only."""
+        if not 0 <= j < self.num_shards:
+            raise IndexError(f"shard index {j} out of range for {self.num_shards} shards")
+        if j not in self._tokens:
+            shard = self.manifest.shards[j]
+            if shard.num_tokens == 0:  # mmap refuses empty files
+                self._tokens[j] = np.zeros(0, dtype=TOKEN_DTYPE)
+            else:
+                self._tokens[j] = np.memmap(self.path / shard.file, dtype=TOKEN_DTYPE, mode="r")
+        return self._tokens[j]
+
+    def shard_offsets(self, j: int) -> npt.NDArray[np.int64]:
+        """The document offsets of shard `j` (``num_documents + 1`` values, 0 first)."""
+        if not 0 <= j < self.num_shards:
+            raise IndexError(f"shard index {j} out of range for {self.num_shards} shards")
+        return self._offsets[j]
+
+    def document(self, i: int) -> npt.NDArray[np.uint32]:
+        """The tokens of document `i` (negative counts from the end), a read-only view."""
+        i = operator.index(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document index {i} out of range for {n} documents")
+        i %= n
+        j = int(np.searchsorted(self._first_document, i, side="right")) - 1
+        local = i - int(self._first_document[j])
+        offsets = self._offsets[j]
+        return self.shard(j)[int(offsets[local]) : int(offsets[local + 1])]
+
+    def __getitem__(self, i: int) -> npt.NDArray[np.uint32]:
+        """Same as `document`."""
+        return self.document(i)
+
+    def __iter__(self) -> Iterator[npt.NDArray[np.uint32]]:
+        """Every document's tokens, in order."""
+        for j in range(self.num_shards):
+            tokens = self.shard(j)
+            offsets = self._offsets[j]
+            for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+                yield tokens[start:end]
+
+    def verify(self) -> None:
+        """Check every token file against its SHA-256 in the manifest; raise naming the first bad one."""
+        for shard in self.manifest.shards:
+            if shard.sha256 is None:
+                continue
+            digest = hashlib.sha256()
+            with (self.path / shard.file).open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard.sha256:
+                raise ValueError(
+                    f"token shard {self.path / shard.file} has sha256 {digest.hexdigest()}, the "
+                    f"manifest says {shard.sha256}; the file is corrupt"
+                )
+
+    def sample_sequences(
+        self, seq_len: int, *, seed: int, shuffle: bool = True
+    ) -> Iterator[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]]:
+        """Pack documents into windows of `seq_len` tokens, with each token's document index.
+
+        Documents are taken in a random order drawn from `seed` (or in order if not `shuffle`)
+        and concatenated; the stream is cut into consecutive windows, so a long document
+        continues into the next window. Yields ``(tokens [seq_len] uint32, document_ids
+        [seq_len] int64)``, where ``document_ids[t]`` is the global index of the document
+        token ``t`` came from: equal ids mark tokens that may attend to each other (§3.2).
+        The final partial window is dropped. Each yielded pair is a fresh array.
+        """
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        tokens = np.empty(seq_len, dtype=np.uint32)
+        document_ids = np.empty(seq_len, dtype=np.int64)
+        filled = 0
+        for doc_index in order.tolist():
+            doc = self.document(doc_index)
+            position = 0
+            while position < doc.size:
+                take = min(seq_len - filled, doc.size - position)
+                tokens[filled : filled + take] = doc[position : position + take]
+                document_ids[filled : filled + take] = doc_index
+                filled += take
+                position += take
+                if filled == seq_len:
+                    yield tokens, document_ids
+                    tokens = np.empty(seq_len, dtype=np.uint32)
+                    document_ids = np.empty(seq_len, dtype=np.int64)
+                    filled = 0
