@@ -1,7 +1,8 @@
 """Token shards: the dataset llama-data hands to llama-train (DESIGN.md, "Token shards").
 
 `write_token_shards` tokenizes a stream of documents into a directory that
-`llama_data.token_shards.TokenShards` (or any program with numpy) reads back with `numpy.memmap`, never loading it whole:
+`llama_data.token_shards.TokenShards` (or any program with numpy) reads back with `numpy.memmap`,
+never loading it whole:
 
 ```
 out_dir/
@@ -83,11 +84,9 @@ class ShardTokenizer(Protocol):
     @property
     def vocab_size(self) -> int:
         """Number of token ids; every id is in ``[0, vocab_size)``."""
-        ...
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`."""
-        ...
 
 
 class SpecialTokenTokenizer(Protocol):
@@ -96,11 +95,9 @@ class SpecialTokenTokenizer(Protocol):
     @property
     def vocab_size(self) -> int:
         """Number of token ids; every id is in ``[0, vocab_size)``."""
-        ...
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of `text`, with BOS first if `bos` and EOS last if `eos`."""
-        ...
 
 
 def _takes_bos_eos(encode: Callable[..., Any]) -> bool:
