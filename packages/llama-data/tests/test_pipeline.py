@@ -144,3 +144,22 @@ def test_bad_configuration_is_explained(tmp_path: Path) -> None:
         Pipeline([]).run([tmp_path / "nope.jsonl"], tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="workers"):
         Pipeline([]).run([], tmp_path / "out", workers=0, progress=False)
+
+
+def test_fingerprint_is_stable_for_real_steps_and_workers_get_models(tmp_path: Path) -> None:
+    """Steps holding a fastText model or a function get the same fingerprint when rebuilt (so a
+    restart resumes), and travel to worker processes (the model reloads there by path)."""
+    from llama_data import LanguageFilter, TokenKLFilter
+
+    inputs = make_inputs(tmp_path, n_files=2)
+
+    def build() -> Pipeline:
+        return Pipeline(
+            [LanguageFilter(), TokenKLFilter().fit(["a b c d e f", "a b c", "d e f a"])]
+        )
+
+    assert build().fingerprint(inputs[0]) == build().fingerprint(inputs[0])
+    first = Pipeline([LanguageFilter()]).run(inputs, tmp_path / "out", workers=2, progress=False)
+    assert first.stats["read"].kept == 10 and first.stats["language"].kept > 0
+    again = Pipeline([LanguageFilter()]).run(inputs, tmp_path / "out", workers=2, progress=False)
+    assert again.parts_skipped == ["part-00000", "part-00001"] and again.parts_run == []

@@ -82,6 +82,17 @@ class LanguageIdentifier:
         self.model_path = path
         self._model = _load_model(str(path))
 
+    def __repr__(self) -> str:
+        return f"LanguageIdentifier(model_path={str(self.model_path)!r})"
+
+    # Pickled (to worker processes) by path: the fastText model is reloaded on the other side.
+    def __getstate__(self) -> dict[str, str]:
+        return {"model_path": str(self.model_path)}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.model_path = Path(state["model_path"])
+        self._model = _load_model(state["model_path"])
+
     @staticmethod
     def _one_line(text: str) -> str:
         # fastText predicts on one line ("predict processes one line at a time"): fold newlines.

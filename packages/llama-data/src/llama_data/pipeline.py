@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from llama_data.document import Document, Step, StepStats
@@ -79,11 +80,12 @@ class Pipeline:
         self.reader_options = dict(reader_options or {})
 
     def fingerprint(self, path: Path) -> str:
-        """Identifies a part's work: the input file (path, size, mtime) and the steps' config."""
+        """Identifies a part's work: the input file (path, size, mtime) and the steps' config,
+        described stably across processes and runs (no object addresses)."""
         stat = path.stat()
         recipe = repr(
-            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.reader_options,
-             [(type(s).__qualname__, s.name, sorted(vars(s).items(), key=str)) for s in self.steps])
+            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, _describe(self.reader_options),
+             [_describe(step) for step in self.steps])
         )  # fmt: skip
         return hashlib.sha256(recipe.encode()).hexdigest()
 
@@ -154,6 +156,31 @@ class Pipeline:
         for step in self.global_steps:
             docs = step.run(docs, report.stats.setdefault(step.name, StepStats()))
         write_jsonl(docs, out / "documents.jsonl.gz")
+
+
+def _describe(obj: Any, depth: int = 0) -> Any:
+    """A stable, comparable description of a step's configuration: pydantic models by their
+    fields, functions and classes by name, objects by their attributes (recursively)."""
+    if depth > 6:
+        return type(obj).__qualname__
+    if obj is None or isinstance(obj, str | int | float | bool | bytes):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, BaseModel):
+        return (type(obj).__qualname__, obj.model_dump_json())
+    if isinstance(obj, dict):
+        return sorted(((repr(k), _describe(v, depth + 1)) for k, v in obj.items()), key=repr)
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [_describe(v, depth + 1) for v in obj]
+        return sorted(items, key=repr) if isinstance(obj, set | frozenset) else items
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    state = obj.__getstate__() if hasattr(type(obj), "__getstate__") else None
+    attributes = state if isinstance(state, dict) else getattr(obj, "__dict__", None)
+    if attributes is None:
+        return type(obj).__qualname__
+    return (type(obj).__qualname__, _describe(attributes, depth + 1))
 
 
 def _run_part(
