@@ -163,3 +163,17 @@ def test_fingerprint_is_stable_for_real_steps_and_workers_get_models(tmp_path: P
     assert first.stats["read"].kept == 10 and first.stats["language"].kept > 0
     again = Pipeline([LanguageFilter()]).run(inputs, tmp_path / "out", workers=2, progress=False)
     assert again.parts_skipped == ["part-00000", "part-00001"] and again.parts_run == []
+
+
+def test_ray_backend_matches_processes_and_resumes(tmp_path: Path) -> None:
+    """On a local Ray instance the pipeline writes the same parts and statistics as with worker
+    processes, and a rerun resumes from the markers."""
+    inputs = make_inputs(tmp_path, n_files=3)
+    local = Pipeline([DropShort(10)]).run(inputs, tmp_path / "local", workers=2, progress=False)
+    on_ray = Pipeline([DropShort(10)]).run(
+        inputs, tmp_path / "ray", workers=2, progress=False, backend="ray"
+    )
+    assert output_ids(tmp_path / "ray") == output_ids(tmp_path / "local")
+    assert on_ray.to_dict()["steps"] == local.to_dict()["steps"]
+    again = Pipeline([DropShort(10)]).run(inputs, tmp_path / "ray", progress=False, backend="ray")
+    assert again.parts_run == [] and len(again.parts_skipped) == 3

@@ -39,7 +39,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
@@ -71,7 +71,9 @@ class PipelineFile(BaseModel):
     out_dir: str
     """Where parts, statistics and the final documents go (relative to the TOML file)."""
     workers: PositiveInt = 1
-    """Worker processes for the per-file steps."""
+    """Worker processes (or Ray CPUs) for the per-file steps."""
+    backend: Literal["processes", "ray"] = "processes"
+    """Where the per-file work runs: local worker processes, or Ray (needs llama-data[ray])."""
     steps: list[dict[str, Any]] = []
     """Per-file steps, in order: tables with a `type` and that step's options."""
     global_steps: list[dict[str, Any]] = []
@@ -160,8 +162,8 @@ def build_step(table: dict[str, Any], base: Path, where: str) -> Step:
         raise ValueError(f"{where} (type {kind!r}): {err}") from err
 
 
-def load_pipeline(path: str | Path) -> tuple[Pipeline, list[Path], Path, int]:
-    """Read a pipeline TOML file: the pipeline, its input files, the output directory, workers."""
+def load_pipeline(path: str | Path) -> tuple[Pipeline, list[Path], Path, PipelineFile]:
+    """Read a pipeline TOML file: the pipeline, its input files, the output directory, the spec."""
     path = Path(path)
     with open(path, "rb") as f:
         spec = PipelineFile.model_validate(tomllib.load(f))
@@ -176,7 +178,7 @@ def load_pipeline(path: str | Path) -> tuple[Pipeline, list[Path], Path, int]:
         if not matches:
             raise FileNotFoundError(f"inputs pattern {pattern!r} matches no file under {base}")
         inputs += [Path(m) for m in matches]
-    return Pipeline(steps, global_steps=global_steps), inputs, base / spec.out_dir, spec.workers
+    return Pipeline(steps, global_steps=global_steps), inputs, base / spec.out_dir, spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,12 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:<18} {options}")
         return 0
     try:
-        pipeline, inputs, out_dir, workers = load_pipeline(args.config)
+        pipeline, inputs, out_dir, spec = load_pipeline(args.config)
     except (OSError, ValueError, ValidationError, tomllib.TOMLDecodeError) as err:
         print(f"llama-data: {args.config}: {err}", file=sys.stderr)
         return 2
     report = pipeline.run(
-        inputs, out_dir, workers=args.workers or workers, progress=not args.no_progress
+        inputs,
+        out_dir,
+        workers=args.workers or spec.workers,
+        progress=not args.no_progress,
+        backend=spec.backend,
     )
     print(json.dumps({name: s.to_dict() for name, s in report.stats.items()}, indent=2))
     return 0

@@ -10,8 +10,10 @@ scratch, so no document is lost or duplicated, and the output is the same as an 
 Steps that need the whole corpus at once (URL, exact, near and line deduplication, §3.1.1) are run
 afterwards over the parts' outputs, in one process, by passing them as `global_steps`.
 
-Parts run in worker processes (`workers`); steps must be picklable (load models lazily). A progress
-bar shows files done. `run` returns, and writes to `out_dir/stats.json`, every step's kept and
+Parts run in worker processes (`workers`), or as Ray tasks with `backend="ray"` (the
+`llama-data[ray]` extra): the same parts, markers and statistics, scheduled by Ray on a local
+instance it starts (or the cluster `ray.init` already connected to; `out_dir` must then be on storage
+every node sees). Steps must be picklable (load models lazily). A progress bar shows files done. `run` returns, and writes to `out_dir/stats.json`, every step's kept and
 dropped counts per reason, and the readers' error counts with example locations.
 """
 
@@ -24,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -96,10 +98,13 @@ class Pipeline:
         *,
         workers: int = 1,
         progress: bool = True,
+        backend: Literal["processes", "ray"] = "processes",
     ) -> PipelineReport:
         """Process `inputs` into `out_dir` (resuming a previous run there); see the module doc."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if backend not in ("processes", "ray"):
+            raise ValueError(f"backend must be 'processes' or 'ray', got {backend!r}")
         paths = [Path(p) for p in inputs]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
@@ -123,7 +128,12 @@ class Pipeline:
             total=len(paths), initial=len(paths) - len(todo), unit="file", disable=not progress
         )
         with bar:
-            if workers == 1 or len(todo) <= 1:
+            if backend == "ray" and todo:
+                for name, stats in _run_parts_on_ray(self, todo, workers):
+                    report.parts_run.append(name)
+                    report.merge(stats)
+                    bar.update()
+            elif backend == "ray" or workers == 1 or len(todo) <= 1:
                 results: Iterable[tuple[str, dict[str, StepStats]]] = (
                     _run_part(self, *job) for job in todo
                 )
@@ -181,6 +191,28 @@ def _describe(obj: Any, depth: int = 0) -> Any:
     if attributes is None:
         return type(obj).__qualname__
     return (type(obj).__qualname__, _describe(attributes, depth + 1))
+
+
+def _run_parts_on_ray(
+    pipeline: Pipeline, todo: list[tuple[Path, Path, str]], workers: int
+) -> Iterator[tuple[str, dict[str, StepStats]]]:
+    """Run the parts as Ray tasks, yielding results in input order as they are collected."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("backend='ray' needs Ray: install llama-data[ray]") from err
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(_run_part)
+        pipeline_ref = ray.put(pipeline)
+        futures = [task.remote(pipeline_ref, *job) for job in todo]
+        for future in futures:
+            yield ray.get(future)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _run_part(
