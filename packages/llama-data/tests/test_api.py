@@ -9,10 +9,10 @@ from importlib.resources import files
 import llama_data
 
 EXPECTED = [
-    "ANNEALING_MIX", "DirtyWordFilter", "Document", "ExactDedup", "Filter", "GopherQualityFilter",
+    "ANNEALING_MIX", "DirtyWordFilter", "Document", "ExactDedup", "FastTextClassifier", "Filter", "GopherQualityFilter",
     "GopherRepetitionFilter", "HtmlExtractor", "LLAMA3_PRETRAINING_MIX", "LanguageFilter",
     "LanguageIdentifier", "LineDedup", "LshIndex", "Manifest", "Mapper", "MinHasher", "NearDedup",
-    "PiiScrubber", "Pipeline", "PipelineReport", "Step", "StepStats", "TokenKLFilter",
+    "PiiScrubber", "Pipeline", "PipelineReport", "QualityFilter", "Step", "StepStats", "TokenKLFilter",
     "TokenShards", "UrlBlocklist", "UrlDedup", "extract_text", "mix", "read_documents",
     "read_jsonl", "read_parquet", "read_warc", "route_by_language", "write_jsonl",
     "write_token_shards",

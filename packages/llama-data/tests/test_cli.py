@@ -70,8 +70,16 @@ def test_run_executes_the_file_and_resumes(
 
 def test_every_step_type_builds_from_defaults(tmp_path: Path) -> None:
     """Each registered step type builds from a minimal table."""
+    from llama_data import FastTextClassifier
+
     (tmp_path / "words.txt").write_text("badword\n")
-    minimal = {"url_blocklist": {"domains": ["x.example"]}, "dirty_words": {"file": "words.txt"}}
+    examples = [("good clear text", "__label__hq"), ("buy now cheap", "__label__lq")] * 3
+    FastTextClassifier.train(examples, dim=4, bucket=64).save(tmp_path / "quality.npz")
+    minimal = {
+        "url_blocklist": {"domains": ["x.example"]},
+        "dirty_words": {"file": "words.txt"},
+        "quality": {"model": "quality.npz"},
+    }
     for kind in STEP_TYPES:
         step = build_step({"type": kind, **minimal.get(kind, {})}, tmp_path, "steps[0]")
         assert step.name

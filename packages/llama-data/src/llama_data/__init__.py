@@ -1,7 +1,7 @@
 """llama_data: documents in, curated token shards out (§3.1 of "The Llama 3 Herd of Models").
 
 Readers for JSONL, Parquet and WARC; HTML-to-text extraction that keeps code and math; URL block
-lists, PII scrubbing, Gopher-style quality rules, the paper's duplicated-n-gram, dirty-word and
+lists, PII scrubbing, Gopher-style quality rules, a fastText quality classifier, the paper's duplicated-n-gram, dirty-word and
 token-distribution heuristics and fastText language identification; URL, exact, MinHash and line
 deduplication; weighted mixing; token shards for llama-train; and a resumable parallel `Pipeline`.
 It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
@@ -16,6 +16,7 @@ from llama_data.minhash import LshIndex, MinHasher
 from llama_data.mix import ANNEALING_MIX, LLAMA3_PRETRAINING_MIX, mix
 from llama_data.pii import PiiScrubber
 from llama_data.pipeline import Pipeline, PipelineReport
+from llama_data.quality import FastTextClassifier, QualityFilter
 from llama_data.quality_rules import GopherQualityFilter, GopherRepetitionFilter
 from llama_data.readers import read_documents, read_jsonl, read_parquet, write_jsonl
 from llama_data.shards import Manifest, write_token_shards
@@ -45,6 +46,9 @@ __all__ = [
     "PiiScrubber",
     "TokenKLFilter",
     "UrlBlocklist",
+    # model-based quality filtering
+    "FastTextClassifier",
+    "QualityFilter",
     # language identification
     "LanguageFilter",
     "LanguageIdentifier",

@@ -51,6 +51,7 @@ from llama_data.langid import LanguageFilter, LanguageFilterConfig, LanguageIden
 from llama_data.minhash import LshIndex, MinHasher
 from llama_data.pii import PiiConfig, PiiScrubber
 from llama_data.pipeline import Pipeline
+from llama_data.quality import FastTextClassifier, QualityFilter
 from llama_data.quality_rules import (
     GopherQualityConfig,
     GopherQualityFilter,
@@ -136,6 +137,12 @@ STEP_TYPES: dict[str, tuple[Callable[[dict[str, Any], Path], Step], str]] = {
             LanguageIdentifier(b / o["model_path"]) if "model_path" in o else None,
         ),
         "LanguageFilterConfig fields, model_path",
+    ),
+    "quality": (
+        lambda o, b: QualityFilter(
+            FastTextClassifier.load(b / o["model"]), **{k: v for k, v in o.items() if k != "model"}
+        ),
+        "model (a FastTextClassifier .npz), label, threshold",
     ),
     "url_dedup": (lambda o, b: UrlDedup(**o), "date_key, spool_to_disk"),
     "exact_dedup": (lambda o, b: ExactDedup(**o), "(none)"),
