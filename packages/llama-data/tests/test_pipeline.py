@@ -177,3 +177,67 @@ def test_ray_backend_matches_processes_and_resumes(tmp_path: Path) -> None:
     assert on_ray.to_dict()["steps"] == local.to_dict()["steps"]
     again = Pipeline([DropShort(10)]).run(inputs, tmp_path / "ray", progress=False, backend="ray")
     assert again.parts_run == [] and len(again.parts_skipped) == 3
+
+
+class Blank(Filter):
+    """Keeps every document but empties the text of those listed (a Mapper gone wrong)."""
+
+    name = "blank"
+
+    def __init__(self, ids: tuple[str, ...]) -> None:
+        self.ids = ids
+
+    def reason(self, doc: Document) -> str | None:
+        if doc.id in self.ids:
+            doc.text = ""
+        return None
+
+
+def test_global_stage_accounts_for_every_document(tmp_path: Path) -> None:
+    """Documents emptied by a per-file step are counted when the parts are re-read for the global
+    steps, not lost silently: every document is kept or dropped under a reason somewhere."""
+    inputs = make_inputs(tmp_path, n_files=2)
+    report = Pipeline([Blank(("0-1", "1-2"))], global_steps=[DropRepeatedText()]).run(
+        inputs, tmp_path / "out", progress=False
+    )
+    read_again = report.stats["global_read"]
+    assert read_again.dropped == {"empty_text": 2}
+    assert read_again.kept + sum(read_again.dropped.values()) == report.stats["blank"].kept == 10
+
+
+def test_fingerprint_sees_partials_lambdas_and_slots(tmp_path: Path) -> None:
+    """Different partial arguments, lambda bodies or __slots__ values give different fingerprints
+    (finished parts are not reused under a changed configuration)."""
+    import functools
+
+    class Slotted(DropShort):
+        __slots__ = ("extra",)
+
+        def __init__(self, extra: int) -> None:
+            super().__init__(5)
+            self.extra = extra
+
+    path = make_inputs(tmp_path, n_files=1)[0]
+
+    def fingerprint(value: object) -> str:
+        step = DropShort(5)
+        step.option = value  # type: ignore[attr-defined]
+        return Pipeline([step]).fingerprint(path)
+
+    assert fingerprint(functools.partial(max, 1)) != fingerprint(functools.partial(max, 2))
+    assert fingerprint(lambda t: t.upper()) != fingerprint(lambda t: t.lower())
+    assert fingerprint(lambda t: t.upper()) == fingerprint(lambda t: t.upper())
+    assert Pipeline([Slotted(1)]).fingerprint(path) != Pipeline([Slotted(2)]).fingerprint(path)
+
+
+def test_stale_marker_never_vouches_for_rewritten_data(tmp_path: Path) -> None:
+    """A run under another configuration that dies while rewriting a part removes that part's old
+    marker first, so going back to the first configuration redoes the part."""
+    inputs = make_inputs(tmp_path, n_files=1)
+    out, armed = tmp_path / "out", tmp_path / "armed"
+    Pipeline([DropShort(10)]).run(inputs, out, progress=False)
+    armed.touch()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Pipeline([CrashOnce("0-2", armed)]).run(inputs, out, progress=False)
+    again = Pipeline([DropShort(10)]).run(inputs, out, progress=False)
+    assert again.parts_run == ["part-00000"] and again.parts_skipped == []

@@ -75,8 +75,10 @@ IPV6_CANDIDATE = re.compile(
 # No phone number starts right after a word character, '+', '.', '/', '-' or a digit group.
 _PHONE_BEFORE = r"(?<![\w+./-])(?<!\d[ .-])"
 _PHONE_AFTER = r"(?![\w-])(?!\.\d)(?![ .]\d)"
+# The digit groups sit in an atomic group (?>...): once matched they are never re-split, so a long
+# digit run after a '+' costs linear time instead of trying every way to cut it (ReDoS).
 PHONE_INTERNATIONAL = re.compile(
-    _PHONE_BEFORE + r"\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){1,6}" + _PHONE_AFTER
+    _PHONE_BEFORE + r"\+[1-9]\d{0,2}(?>(?:[ .-]?\(?\d{1,4}\)?){1,6})" + _PHONE_AFTER
 )
 PHONE_NORTH_AMERICAN = re.compile(
     _PHONE_BEFORE

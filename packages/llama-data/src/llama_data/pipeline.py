@@ -19,9 +19,13 @@ dropped counts per reason, and the readers' error counts with example locations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
+import sys
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +41,8 @@ from llama_data.readers import read_documents, read_jsonl, write_jsonl
 __all__ = ["Pipeline", "PipelineReport"]
 
 READ = "read"
+GLOBAL_READ = "global_read"
+_VERSION = importlib.metadata.version("llama-data")  # new code may compute different parts
 
 
 @dataclass
@@ -71,10 +77,12 @@ class Pipeline:
         reader_options: dict[str, Any] | None = None,
     ) -> None:
         names = [s.name for s in (*steps, *global_steps)]
-        duplicates = sorted({n for n in names if names.count(n) > 1} | ({READ} & set(names)))
+        reserved = {READ, GLOBAL_READ} & set(names)
+        duplicates = sorted({n for n in names if names.count(n) > 1} | reserved)
         if duplicates:
             raise ValueError(
-                f"step names must be unique and not {READ!r} (they key the statistics); "
+                f"step names must be unique and not {READ!r} or {GLOBAL_READ!r} (they key the "
+                "statistics); "
                 f"repeated or reserved: {duplicates}"
             )
         self.steps = list(steps)
@@ -86,8 +94,8 @@ class Pipeline:
         described stably across processes and runs (no object addresses)."""
         stat = path.stat()
         recipe = repr(
-            (str(path.resolve()), stat.st_size, stat.st_mtime_ns, _describe(self.reader_options),
-             [_describe(step) for step in self.steps])
+            (_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+             _describe(self.reader_options), [_describe(step) for step in self.steps])
         )  # fmt: skip
         return hashlib.sha256(recipe.encode()).hexdigest()
 
@@ -124,31 +132,26 @@ class Pipeline:
                 report.parts_skipped.append(part.name)
                 report.merge(done)
 
-        bar = tqdm(
-            total=len(paths), initial=len(paths) - len(todo), unit="file", disable=not progress
-        )
-        with bar:
-            if backend == "ray" and todo:
-                for name, stats in _run_parts_on_ray(self, todo, workers):
-                    report.parts_run.append(name)
-                    report.merge(stats)
-                    bar.update()
-            elif backend == "ray" or workers == 1 or len(todo) <= 1:
-                results: Iterable[tuple[str, dict[str, StepStats]]] = (
-                    _run_part(self, *job) for job in todo
-                )
+        def collect(results: Iterable[tuple[str, dict[str, StepStats]]]) -> None:
+            bar = tqdm(
+                total=len(paths), initial=len(paths) - len(todo), unit="file", disable=not progress
+            )
+            with bar:
                 for name, stats in results:
                     report.parts_run.append(name)
                     report.merge(stats)
                     bar.update()
-            else:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
-                    futures = [pool.submit(_run_part, self, *job) for job in todo]
-                    for future in futures:
-                        name, stats = future.result()
-                        report.parts_run.append(name)
-                        report.merge(stats)
-                        bar.update()
+
+        if backend == "ray" and todo:
+            collect(_run_parts_on_ray(self, todo, workers))
+        elif backend == "ray" or workers == 1 or len(todo) <= 1:
+            collect(_run_part(self, *job) for job in todo)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                # Submitting forks the workers; the progress bar (and its monitor thread) starts
+                # only afterwards, since forking a process that runs threads can deadlock.
+                futures = [pool.submit(_run_part, self, *job) for job in todo]
+                collect(future.result() for future in futures)
 
         if self.global_steps:
             self._run_global(parts, len(paths), out, report)
@@ -156,11 +159,14 @@ class Pipeline:
         return report
 
     def _run_global(self, parts: Path, n_parts: int, out: Path, report: PipelineReport) -> None:
-        read_stats = StepStats()
+        # Re-reading the parts is accounted for too (e.g. documents a Mapper emptied are counted
+        # as empty_text here), and without a size limit: the per-file stage already applied it.
+        read_stats = report.stats.setdefault(GLOBAL_READ, StepStats())
 
         def everything() -> Iterator[Document]:
             for i in range(n_parts):
-                yield from read_jsonl(parts / f"part-{i:05d}.jsonl.gz", stats=read_stats)
+                part = parts / f"part-{i:05d}.jsonl.gz"
+                yield from read_jsonl(part, stats=read_stats, max_chars=sys.maxsize)
 
         docs: Iterable[Document] = everything()
         for step in self.global_steps:
@@ -184,13 +190,22 @@ def _describe(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, list | tuple | set | frozenset):
         items = [_describe(v, depth + 1) for v in obj]
         return sorted(items, key=repr) if isinstance(obj, set | frozenset) else items
+    if isinstance(obj, functools.partial):
+        return ("partial", _describe((obj.func, obj.args, obj.keywords), depth + 1))
+    if isinstance(obj, types.FunctionType):  # by name and code, so an edited lambda differs
+        code = obj.__code__
+        constants = [c for c in code.co_consts if not isinstance(c, types.CodeType)]
+        closure = [cell.cell_contents for cell in obj.__closure__ or ()]
+        return (f"{obj.__module__}.{obj.__qualname__}", code.co_code.hex(), code.co_names,
+                _describe((constants, closure), depth + 1))  # fmt: skip
     if callable(obj) and hasattr(obj, "__qualname__"):
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
-    state = obj.__getstate__() if hasattr(type(obj), "__getstate__") else None
-    attributes = state if isinstance(state, dict) else getattr(obj, "__dict__", None)
-    if attributes is None:
-        return type(obj).__qualname__
-    return (type(obj).__qualname__, _describe(attributes, depth + 1))
+    state = obj.__getstate__()
+    if isinstance(state, tuple) and len(state) == 2:  # (__dict__ or None, __slots__ values)
+        state = {**(state[0] or {}), **(state[1] or {})}
+    if not isinstance(state, dict):
+        return (type(obj).__qualname__, repr(state))
+    return (type(obj).__qualname__, _describe(state, depth + 1))
 
 
 def _run_parts_on_ray(
@@ -219,6 +234,8 @@ def _run_part(
     pipeline: Pipeline, path: Path, part: Path, fingerprint: str
 ) -> tuple[str, dict[str, StepStats]]:
     """Process one input file into its part (output, then the statistics marker)."""
+    # A marker from an earlier configuration must not vouch for the data about to be rewritten.
+    part.with_suffix(".stats.json").unlink(missing_ok=True)
     stats = {READ: StepStats()}
     docs: Iterable[Document] = read_documents(path, stats=stats[READ], **pipeline.reader_options)
     for step in pipeline.steps:
