@@ -260,14 +260,19 @@ def test_url_dedup_breaks_date_ties_by_smallest_id(spool_to_disk: bool) -> None:
         assert [(doc.id, doc.text) for doc in kept] == [("a", "a")]
 
 
-def test_url_dedup_rejects_unparseable_date() -> None:
-    """A crawl_date that is not ISO 8601 fails loudly, naming the document."""
-    docs = [Document(id="d1", text="x", url="http://a.com/", metadata={"crawl_date": "yesterday"})]
-    with pytest.raises(ValueError, match=r"'d1'.*ISO 8601"):
-        list(UrlDedup().run(docs, StepStats()))
-
-
-# ---------------------------------------------------------------- exact
+def test_url_dedup_counts_unparseable_date_as_oldest() -> None:
+    """A crawl_date that is not ISO 8601 is counted as an error naming the document and treated
+    as the oldest crawl (the run goes on; a dated copy of the URL wins)."""
+    docs = [
+        Document(id="d1", text="x", url="http://a.com/", metadata={"crawl_date": "yesterday"}),
+        Document(id="d2", text="y", url="http://a.com/", metadata={"crawl_date": "2020-01-01"}),
+    ]
+    stats = StepStats()
+    kept = list(UrlDedup().run(docs, stats))
+    assert [d.id for d in kept] == ["d2"]
+    assert stats.errors == {"invalid_crawl_date": 1}
+    assert stats.error_examples == {"invalid_crawl_date": ["d1"]}
+    assert stats.dropped == {"url_duplicate": 1}
 
 
 def test_exact_dedup_keeps_first_of_whitespace_equal_texts() -> None:

@@ -486,3 +486,25 @@ def test_read_documents_unknown_suffix(tmp_path: Path) -> None:
     """An unsupported suffix raises naming the path and the supported ones."""
     with pytest.raises(ValueError, match=r"data\.csv.*supported"):
         read_documents(tmp_path / "data.csv", stats=StepStats())
+
+
+def test_write_jsonl_serialises_parquet_metadata_types(tmp_path: Path) -> None:
+    """Dates, times, decimals and bytes in metadata (as Parquet columns give them) are written as
+    ISO strings, decimal strings and base64, instead of failing the whole part."""
+    import datetime
+    import decimal
+
+    doc = Document(
+        id="p1",
+        text="t",
+        metadata={
+            "when": datetime.datetime(2024, 5, 1, 12, 30),
+            "day": datetime.date(2024, 5, 1),
+            "price": decimal.Decimal("1.50"),
+            "blob": b"\x00\xff",
+        },
+    )
+    write_jsonl([doc], tmp_path / "m.jsonl.gz")
+    (back,) = read_jsonl(tmp_path / "m.jsonl.gz", stats=StepStats())
+    assert back.metadata == {
+        "when": "2024-05-01T12:30:00", "day": "2024-05-01", "price": "1.50", "blob": "AP8="}  # fmt: skip

@@ -346,3 +346,17 @@ def test_sample_sequences_shuffle_is_seeded(tmp_path: Path) -> None:
     for tokens, document_ids in first:
         for token, doc in zip(tokens.tolist(), document_ids.tolist(), strict=True):
             assert token in _expected(texts[doc])
+
+
+def test_decreasing_offsets_are_refused(tmp_path: Path) -> None:
+    """An index whose offsets go backwards (a corrupt file) is refused when the dataset opens."""
+    import numpy as np
+
+    write_token_shards([Document(id=str(i), text=t) for i, t in enumerate(["ab", "cde", "f"])],
+                       ByteTokenizer(), tmp_path / "ds")  # fmt: skip
+    index = next((tmp_path / "ds").glob("*.idx.npy"))
+    offsets = np.load(index)
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    np.save(index, offsets)
+    with pytest.raises(ValueError, match="never decreasing"):
+        TokenShards(tmp_path / "ds")

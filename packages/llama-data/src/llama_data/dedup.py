@@ -117,8 +117,13 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
+class _BadDateError(Exception):
+    """A crawl date that is not an ISO 8601 string, datetime or date."""
+
+
 def _crawl_timestamp(doc: Document, key: str) -> float:
-    """Seconds since the epoch of doc.metadata[key]; -inf when absent (older than any crawl)."""
+    """Seconds since the epoch of doc.metadata[key]; -inf when absent (older than any crawl).
+    Raises _BadDateError for a value that is not an ISO 8601 string, datetime or date."""
     value = doc.metadata.get(key)
     if value is None:
         return float("-inf")
@@ -126,17 +131,11 @@ def _crawl_timestamp(doc: Document, key: str) -> float:
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError(
-                f"document {doc.id!r}: metadata[{key!r}]={value!r} is not an ISO 8601 date; "
-                "fix the reader or drop the key (a missing date counts as the oldest crawl)"
-            ) from None
+            raise _BadDateError(doc.id) from None
     if isinstance(value, date) and not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     if not isinstance(value, datetime):
-        raise ValueError(
-            f"document {doc.id!r}: metadata[{key!r}] must be an ISO string, datetime or date, "
-            f"got {type(value).__name__}"
-        )
+        raise _BadDateError(doc.id)
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)  # naive dates are taken to be UTC
     return value.timestamp()
@@ -164,7 +163,11 @@ class UrlDedup(Step):
                 if doc.url is None:
                     continue
                 url = normalize_url(doc.url)
-                stamp = _crawl_timestamp(doc, self.date_key)
+                try:
+                    stamp = _crawl_timestamp(doc, self.date_key)
+                except _BadDateError:  # counted, and treated as the oldest crawl: never fatal
+                    stats.error("invalid_crawl_date", doc.id)
+                    stamp = float("-inf")
                 held = best.get(url)
                 if held is None or stamp > held[0] or (stamp == held[0] and doc.id < held[1]):
                     best[url] = (stamp, doc.id, position)

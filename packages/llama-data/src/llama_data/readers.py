@@ -30,6 +30,9 @@ warcinfo, metadata) are not records and are not counted.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import gzip
 import json
 import os
@@ -332,6 +335,18 @@ def _write_documents(docs: Iterable[Document], write: Callable[[bytes], object])
     return count
 
 
+def _json_value(value: Any) -> Any:
+    """JSON for the metadata types readers produce beyond JSON's own (Parquet timestamps, dates,
+    decimals, bytes): ISO 8601 strings, decimal strings, base64."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def _encode_document(doc: Document) -> bytes:
     record = {
         "id": doc.id,
@@ -341,7 +356,7 @@ def _encode_document(doc: Document) -> bytes:
         "metadata": doc.metadata,
     }
     try:
-        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return (json.dumps(record, ensure_ascii=False, default=_json_value) + "\n").encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise ValueError(
             f"write_jsonl: document {doc.id!r} cannot be written as JSON ({exc}); "

@@ -65,11 +65,12 @@ class TokenShards:
             or offsets.dtype != OFFSET_DTYPE
             or offsets[0] != 0
             or offsets[-1] != shard.num_tokens
+            or bool(np.any(np.diff(offsets) < 0))
         ):
             raise ValueError(
                 f"offsets file {index_path} has shape {offsets.shape}, dtype {offsets.dtype}, "
                 f"but the manifest expects {expected} int64 offsets from 0 to "
-                f"{shard.num_tokens}; the dataset is corrupt"
+                f"{shard.num_tokens}, never decreasing; the dataset is corrupt"
             )
         return cast(npt.NDArray[np.int64], offsets)
 
@@ -163,7 +164,7 @@ class TokenShards:
         tokens = np.empty(seq_len, dtype=np.uint32)
         document_ids = np.empty(seq_len, dtype=np.int64)
         filled = 0
-        for doc_index in order.tolist():
+        for doc_index in order:  # numpy ints: no Python list of every document index
             doc = self.document(doc_index)
             position = 0
             while position < doc.size:
