@@ -165,7 +165,7 @@ class TokenShards:
         document_ids = np.empty(seq_len, dtype=np.int64)
         filled = 0
         for doc_index in order:  # numpy ints: no Python list of every document index
-            doc = self.document(doc_index)
+            doc = self.document(int(doc_index))
             position = 0
             while position < doc.size:
                 take = min(seq_len - filled, doc.size - position)
