@@ -360,3 +360,27 @@ def test_decreasing_offsets_are_refused(tmp_path: Path) -> None:
     np.save(index, offsets)
     with pytest.raises(ValueError, match="never decreasing"):
         TokenShards(tmp_path / "ds")
+
+
+def test_sample_sequences_resume_at_window_k(tmp_path: Path) -> None:
+    """start=k yields exactly the windows from the k-th on of a full pass (exact resumption), and
+    a full pass covers the concatenated documents in the seeded order, tail dropped."""
+    import numpy as np
+
+    texts = ["abcdefg", "hi", "jklmnopqrstu", "v", "wxyz0123"]
+    write_token_shards([Document(id=str(i), text=t) for i, t in enumerate(texts)],
+                       ByteTokenizer(), tmp_path / "ds", shard_tokens=12)  # fmt: skip
+    shards = TokenShards(tmp_path / "ds")
+    full = list(shards.sample_sequences(5, seed=3))
+    order = np.random.default_rng(3).permutation(len(texts))
+    stream = np.concatenate([shards.document(int(i)) for i in order])
+    ids = np.concatenate([np.full(shards.document(int(i)).size, i) for i in order])
+    assert len(full) == stream.size // 5
+    for k, (tokens, document_ids) in enumerate(full):
+        assert tokens.tolist() == stream[5 * k : 5 * k + 5].tolist()
+        assert document_ids.tolist() == ids[5 * k : 5 * k + 5].tolist()
+    for k in range(len(full) + 1):
+        resumed = list(shards.sample_sequences(5, seed=3, start=k))
+        assert [t.tolist() for t, _ in resumed] == [t.tolist() for t, _ in full[k:]]
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        next(shards.sample_sequences(5, seed=3, start=-1))

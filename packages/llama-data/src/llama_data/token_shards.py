@@ -146,7 +146,7 @@ class TokenShards:
                 )
 
     def sample_sequences(
-        self, seq_len: int, *, seed: int, shuffle: bool = True
+        self, seq_len: int, *, seed: int, shuffle: bool = True, start: int = 0
     ) -> Iterator[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]]:
         """Pack documents into windows of `seq_len` tokens, with each token's document index.
 
@@ -156,17 +156,28 @@ class TokenShards:
         [seq_len] int64)``, where ``document_ids[t]`` is the global index of the document
         token ``t`` came from: equal ids mark tokens that may attend to each other (§3.2).
         The final partial window is dropped. Each yielded pair is a fresh array.
+
+        `start` skips the first `start` windows without reading their tokens (only document
+        lengths), so a resumed training run continues with exactly the window it would have
+        seen next: `sample_sequences(..., start=k)` yields what the k-th and later windows of
+        `sample_sequences(...)` are.
         """
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0 (a window index), got {start}")
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        skip = start * seq_len  # tokens of the stream that earlier windows consumed
         tokens = np.empty(seq_len, dtype=np.uint32)
         document_ids = np.empty(seq_len, dtype=np.int64)
         filled = 0
         for doc_index in order:  # numpy ints: no Python list of every document index
-            doc = self.document(int(doc_index))
-            position = 0
+            doc = self.document(int(doc_index))  # a memmap view: its size costs no token read
+            if skip >= doc.size:
+                skip -= doc.size
+                continue
+            position, skip = skip, 0
             while position < doc.size:
                 take = min(seq_len - filled, doc.size - position)
                 tokens[filled : filled + take] = doc[position : position + take]
