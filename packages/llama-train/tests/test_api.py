@@ -7,7 +7,7 @@ from importlib.resources import files
 import llama_train
 
 EXPECTED = [
-    "BatchRamp", "BatchStage", "ContextSchedule", "ContextStage", "LrSchedule", "PowerLaw",
+    "Batch", "BatchRamp", "BatchStage", "StepMetrics", "packed_batches", "train", "ContextSchedule", "ContextStage", "LrSchedule", "PowerLaw",
     "annealed_lr", "compute_optimal", "fit_from_runs", "fit_power_law", "isoflops_minimum",
     "scaling_law_table", "torch_lr_lambda",
 ]  # fmt: skip
