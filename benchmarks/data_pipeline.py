@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import random
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,6 +36,7 @@ import datasketch
 import numpy as np
 import xxhash
 
+from bench_common import cpu_name, timed
 from llama_data.dedup import NearDedup, near_duplicate_clusters
 from llama_data.document import Document, StepStats
 from llama_data.minhash import LshIndex, MinHasher
@@ -45,28 +44,6 @@ from llama_data.minhash import LshIndex, MinHasher
 NUM_PERM = 128
 NGRAM = 5
 THRESHOLD = 0.8
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def zipf_documents(n_docs: int, words_per_doc: int = 500, seed: int = 0) -> list[str]:

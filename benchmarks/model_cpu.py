@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
+from bench_common import cpu_name, timed
 from llama_model import KVCache, Llama, LlamaConfig, count_parameters, generate
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_model.generate import decode_one_token, prefill
@@ -62,28 +60,6 @@ def twin_models(config: LlamaConfig) -> tuple[Llama, transformers.LlamaForCausal
     with torch.no_grad():  # same weights must mean same function before anything is timed
         torch.testing.assert_close(ours(probe), hf(probe).logits, atol=1e-4, rtol=1e-4)
     return ours, hf
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def timed(fn: Callable[[], None], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from llama_data._atomic import atomic_write
 from llama_data.document import Document, Step, StepStats
 from llama_data.readers import read_documents, read_jsonl, write_jsonl
 
@@ -275,9 +276,5 @@ def _load_marker(part: Path, fingerprint: str) -> dict[str, StepStats] | None:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))

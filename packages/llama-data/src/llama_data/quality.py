@@ -36,7 +36,6 @@ import itertools
 import os
 import re
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from llama_data._atomic import atomic_write
 from llama_data.document import Document, Filter
 
 __all__ = ["FastTextClassifier", "QualityFilter", "fasttext_hash", "word_ngram_buckets"]
@@ -312,16 +312,8 @@ class FastTextClassifier:
         # Words as UTF-8 bytes + offsets: a fixed-width string array would pad every word to the
         # longest (a URL-sized token x 1M words is gigabytes).
         arrays["words_utf8"], arrays["word_offsets"] = _pack_strings(self.words)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FastTextClassifier:

@@ -36,7 +36,6 @@ import decimal
 import gzip
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -46,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from llama_data._atomic import atomic_write
 from llama_data.document import Document, StepStats
 from llama_data.warc import read_warc
 
@@ -307,23 +307,13 @@ def write_jsonl(
         raise ValueError(f"write_jsonl: with compress={compress}, path {str(path)!r} must {want}")
     if _compression(path) == "zst":
         raise ValueError(f"write_jsonl writes gzip or plain JSONL, not zstd: {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            if compress:
-                # mtime=0 and no file name in the header: identical input gives identical bytes.
-                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
-                    count = _write_documents(docs, gz.write)
-            else:
-                count = _write_documents(docs, raw.write)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    with atomic_write(path) as raw:
+        if compress:
+            # mtime=0 and no file name in the header: identical input gives identical bytes.
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+                count = _write_documents(docs, gz.write)
+        else:
+            count = _write_documents(docs, raw.write)
     return count
 
 
@@ -362,20 +352,6 @@ def _encode_document(doc: Document) -> bytes:
             f"write_jsonl: document {doc.id!r} cannot be written as JSON ({exc}); "
             "metadata values must be JSON types and text must be valid Unicode"
         ) from exc
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX); a no-op where directories can't be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
