@@ -154,6 +154,45 @@ def test_document_mask_equals_separate_documents() -> None:
         assert not torch.allclose(unmasked[:, 5:14], packed[:, 5:14], **TOL)
 
 
+def test_explicit_attention_mask_and_kv_hook() -> None:
+    """attention_mask equals the mask document_ids builds; kv_hook sees [B, kv_heads, T, head_dim]
+    and what it returns is what attention uses (here: keys of a second, masked-out copy)."""
+    config = tiny_config()
+    model = Llama(config).eval()
+    model.init_weights(seed=4, std=0.2)
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [3] * 12])
+    positions = document_positions(doc_ids)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    mask = (same & torch.ones(12, 12, dtype=torch.bool).tril())[:, None]
+    seen: list[tuple[int, ...]] = []
+
+    def doubled(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(tuple(k.shape))  # append garbage keys that the mask then hides
+        return torch.cat([k, 100 * k], dim=2), torch.cat([v, -v], dim=2)
+
+    with torch.no_grad():
+        expected = model(tokens, positions=positions, document_ids=doc_ids)
+        torch.testing.assert_close(
+            model(tokens, positions=positions, attention_mask=mask), expected, **TOL
+        )
+        for layer in model.layers:
+            layer.attention.kv_hook = doubled
+        wide = torch.cat([mask, torch.zeros_like(mask)], dim=-1)  # [B, 1, 12, 24]
+        torch.testing.assert_close(
+            model(tokens, positions=positions, attention_mask=wide), expected, **TOL
+        )
+        assert seen == [(2, config.n_kv_heads, 12, config.head_dim)] * config.n_layers
+        leaky = torch.cat([mask, torch.ones_like(mask)], dim=-1)  # the hook's keys now count
+        assert not torch.allclose(
+            model(tokens, positions=positions, attention_mask=leaky), expected
+        )
+    with pytest.raises(ValueError, match="attention_mask must be a boolean"):
+        model(tokens, attention_mask=mask.float())
+    with pytest.raises(ValueError, match="pass only one of"):
+        model(tokens, attention_mask=mask, document_ids=doc_ids)
+
+
 def test_document_positions_restart_per_document() -> None:
     """document_positions counts from 0 within each contiguous document."""
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [7, 7, 7, 7, 7, 7]])

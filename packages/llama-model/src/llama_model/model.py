@@ -17,6 +17,7 @@ Hugging Face layout: Hugging Face checkpoints load as they are, and the rows of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Optional transform of the rotated keys and values [B, kv_heads, T, head_dim] before
+        # attention. Context parallelism (llama_train) sets it to gather the other ranks' chunks.
+        self.kv_hook: (
+            Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+        ) = None
 
     def forward(
         self,
@@ -76,21 +82,25 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        # Head counts come from the projections' widths (-1), not the config: under tensor
+        # parallelism each rank holds n_heads / tp query and n_kv_heads / tp key/value heads.
+        q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, k, positions, inv_freq)  # half-split pairs, the HF layout
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, n_kv_heads, cached + T, head_dim]
+        if self.kv_hook is not None:
+            k, v = self.kv_hook(k, v)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # [B, n_heads, T, head_dim]
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # [B, local heads, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -206,6 +216,7 @@ class Llama(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim]; `forward` is `logits(hidden_states(...))`."""
@@ -226,7 +237,14 @@ class Llama(nn.Module):
 
         # Attention pattern: plain causal where possible (fast SDPA paths), else an explicit mask.
         mask, is_causal = None, seq_len > 1
-        if document_ids is not None:
+        if attention_mask is not None:
+            if document_ids is not None or cache is not None:
+                raise ValueError(
+                    "attention_mask replaces the mask built from document_ids and the cache's "
+                    "causal mask; pass only one of attention_mask, document_ids, cache"
+                )
+            mask, is_causal = _check_attention_mask(attention_mask, batch, seq_len), False
+        elif document_ids is not None:
             if cache is not None:
                 raise ValueError(
                     "document_ids (packed training sequences) cannot be combined with a KV cache; "
@@ -248,7 +266,9 @@ class Llama(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states [..., dim] to vocabulary logits [..., vocab_size]."""
-        return F.linear(hidden, self.output_weight())
+        if self.output is not None:  # called as a module so that tensor-parallel plans apply
+            return self.output(hidden)
+        return F.linear(hidden, self.tok_embeddings.weight)
 
     def forward(
         self,
@@ -256,6 +276,7 @@ class Llama(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab_size] for token ids [B, T].
@@ -265,10 +286,17 @@ class Llama(nn.Module):
             attends only to earlier tokens with the same id (§3.2). Not combinable with `cache`.
             Positions are not reset per document by this; pass `positions=document_positions(ids)`
             for that.
+        attention_mask: an explicit boolean mask [B or 1, 1, T, T_keys] (True = attend) for
+            callers whose keys are not just these T tokens: context parallelism gathers the other
+            ranks' keys through `Attention.kv_hook`. Replaces `document_ids`; not with `cache`.
         cache: a `KVCache`; the new keys and values are appended and the cache advances by T.
         """
         hidden = self.hidden_states(
-            tokens, positions=positions, document_ids=document_ids, cache=cache
+            tokens,
+            positions=positions,
+            document_ids=document_ids,
+            attention_mask=attention_mask,
+            cache=cache,
         )
         return self.logits(hidden)
 
@@ -318,6 +346,21 @@ def _check_tokens(tokens: torch.Tensor, config: LlamaConfig) -> tuple[int, int]:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     return batch, seq_len
+
+
+def _check_attention_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    if (
+        mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[0] not in (1, batch)
+        or mask.shape[1] != 1
+        or mask.shape[2] != seq_len
+    ):
+        raise ValueError(
+            f"attention_mask must be a boolean [{batch} or 1, 1, {seq_len}, keys] tensor, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    return mask
 
 
 def _check_positions(
