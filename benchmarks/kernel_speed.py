@@ -175,14 +175,27 @@ def fp8_rows(quick: bool) -> list[dict[str, Any]]:
                 lambda x=x, b=w_fp8, sb=w_scale: fp8_rowwise_matmul(*quantize_fp8_rowwise(x), b, sb)
             ),
         }
-        try:
-            timings["torch._scaled_mm rowwise"] = bench(
-                lambda a=x_fp8, sa=x_scale, b=w_fp8, sb=w_scale: torch._scaled_mm(
-                    a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.bfloat16
+        if label == "square":  # the plain-pointer kernel that GPUs without TMA run, for scale
+            from llama_kernels._triton_fp8 import fp8_rowwise_matmul_triton
+
+            timings["llama_kernels gemm, pointer kernel"] = bench(
+                lambda a=x_fp8, sa=x_scale, b=w_fp8, sb=w_scale: fp8_rowwise_matmul_triton(
+                    a, sa, b, sb, None, torch.bfloat16, kernel="pointer"
                 )
             )
-        except RuntimeError as err:  # older GPUs / torch builds without row-wise scaling
-            print(f"torch._scaled_mm row-wise unavailable: {err}")
+        # use_fast_accum=False (the default) promotes fp8 partial sums to fp32, as llama_kernels
+        # does: the like-for-like reference. True accumulates in the tensor cores' reduced
+        # precision throughout: shown for the price of that promotion.
+        for suffix, fast in (("", False), (" fast_accum", True)):
+            try:
+                timings["torch._scaled_mm rowwise" + suffix] = bench(
+                    lambda a=x_fp8, sa=x_scale, b=w_fp8, sb=w_scale, fast=fast: torch._scaled_mm(
+                        a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :],
+                        out_dtype=torch.bfloat16, use_fast_accum=fast,
+                    )
+                )  # fmt: skip
+            except RuntimeError as err:  # older GPUs / torch builds without row-wise scaling
+                print(f"torch._scaled_mm row-wise unavailable: {err}")
         for impl, seconds in timings.items():
             rows.append({"op": "fp8_gemm", "shape": f"{label} {m}x{n}x{k}", "impl": impl,
                          "ms": seconds * 1e3, "TFLOP/s": flops / seconds / 1e12,
@@ -195,6 +208,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape per op")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-fp8", action="store_true", help="only the memory-bound ops")
+    parser.add_argument(
+        "--fp8-only",
+        action="store_true",
+        help="only the FP8 GEMM rows, replacing those in an existing results file (others kept)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
@@ -203,32 +221,55 @@ def main() -> None:
     slug = device_name.lower().replace(" ", "-")
     out = args.out or Path(__file__).parent / "results" / f"kernel_speed-{slug}.json"
 
+    kept: dict[str, Any] = {}
+    if args.fp8_only and out.exists():  # keep the memory-bound rows of an earlier run
+        kept = json.loads(out.read_text())
+        kept["rows"] = [r for r in kept.get("rows", []) if r["op"] != "fp8_gemm"]
+    today = datetime.date.today().isoformat()
+    triton_version = None
+    if CUDA:
+        import triton
+
+        triton_version = triton.__version__
+
     def save(rows: list[dict[str, Any]]) -> None:  # after each part, so a cut-off run keeps data
         record = {
+            **kept,
             "benchmark": "kernel_speed",
-            "date": datetime.date.today().isoformat(),
+            "date": today,
             "device": device_name,
-            "copy_bandwidth_GB_s": bandwidth,
+            # the memory-bound rows' fractions are of the bandwidth measured with them
+            "copy_bandwidth_GB_s": kept.get("copy_bandwidth_GB_s", bandwidth),
             "torch": torch.__version__,
+            "triton": triton_version,
             "rows": rows,
         }
+        if args.fp8_only:
+            runs = [r for r in kept.get("runs", []) if not r["what"].startswith("fp8_gemm")]
+            runs.append({"what": f"fp8_gemm rows ({today}, --fp8-only)", "date": today,
+                         "copy_bandwidth_GB_s": bandwidth, "torch": torch.__version__,
+                         "triton": triton_version})  # fmt: skip
+            record["runs"] = runs
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2) + "\n")
 
-    rows = memory_rows(bandwidth, args.quick)
-    save(rows)
-    print(f"\n{'op':<11}{'shape':<22}{'dir':<5}{'impl':<16}{'ms':>9}{'GB/s':>9}{'of copy':>9}")
-    for r in rows:
-        print(f"{r['op']:<11}{r['shape']:<22}{r['direction']:<5}{r['impl']:<16}{r['ms']:>9.3f}"
-              f"{r['GB/s']:>9.0f}{r['fraction_of_copy']:>9.0%}")  # fmt: skip
+    if args.fp8_only:
+        rows: list[dict[str, Any]] = kept.get("rows", [])
+    else:
+        rows = memory_rows(bandwidth, args.quick)
+        save(rows)
+        print(f"\n{'op':<11}{'shape':<22}{'dir':<5}{'impl':<16}{'ms':>9}{'GB/s':>9}{'of copy':>9}")
+        for r in rows:
+            print(f"{r['op']:<11}{r['shape']:<22}{r['direction']:<5}{r['impl']:<16}{r['ms']:>9.3f}"
+                  f"{r['GB/s']:>9.0f}{r['fraction_of_copy']:>9.0%}")  # fmt: skip
     if CUDA and not args.no_fp8:
         gemm = fp8_rows(args.quick)
         rows += gemm
         save(rows)
-        print(f"\n{'shape':<26}{'impl':<30}{'ms':>9}{'TFLOP/s':>9}{'vs bf16':>9}")
+        print(f"\n{'shape':<26}{'impl':<38}{'ms':>9}{'TFLOP/s':>9}{'vs bf16':>9}")
         for r in gemm:
             print(
-                f"{r['shape']:<26}{r['impl']:<30}{r['ms']:>9.3f}{r['TFLOP/s']:>9.0f}{r['vs_bf16']:>9.2f}"
+                f"{r['shape']:<26}{r['impl']:<38}{r['ms']:>9.3f}{r['TFLOP/s']:>9.0f}{r['vs_bf16']:>9.2f}"
             )
     elif not CUDA:
         print("\nFP8 GEMM rows skipped: no CUDA device (FP8 matrix units are what they measure)")

@@ -9,6 +9,7 @@ matmuls are checked against float64 products of the dequantized operands.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
@@ -77,6 +78,26 @@ def test_quantize_triton_matches_reference_bitwise(
     torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
     mismatched = int((_bytes(x_fp8) != _bytes(ref_fp8)).sum())
     assert mismatched == 0, f"{mismatched} of {x.numel()} fp8 bytes differ from the reference"
+
+
+def test_quantize_triton_chunks_rows_longer_than_one_block(
+    triton_backend: None, device: str
+) -> None:
+    """Rows longer than the kernel's 8192-wide K block (405B's FFN width, 53248, is one) are read
+    in chunks, twice: the row maximum may sit in any chunk, including the partial last one; bytes
+    and scales still equal the reference's."""
+    k = 2 * 8192 + 123  # two full chunks and a partial one
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, k, generator=generator)
+    x[0, 100] = 50.0  # row maxima in the first, the middle and the partial last chunk
+    x[1, 8192 + 7] = -60.0
+    x[2, k - 1] = 70.0
+    x = x.to(device)
+    x_fp8, scale = quantize_fp8_rowwise(x)
+    ref_fp8, ref_scale = quantize_fp8_rowwise_reference(x)
+    torch.testing.assert_close(scale.cpu(), torch.tensor([50.0, 60.0, 70.0]) / FP8_E4M3_MAX)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    assert torch.equal(_bytes(x_fp8), _bytes(ref_fp8))
 
 
 def test_quantize_reference_is_within_half_an_e4m3_step(torch_backend: None) -> None:
@@ -237,6 +258,120 @@ def test_matmul_triton_matches_reference(
     _check_against_float64(out, x_fp8, x_scale, w_fp8, w_scale, b, TRITON_ACCUMULATION_EPS)
     ref = fp8_rowwise_matmul_reference(x_fp8, x_scale, w_fp8, w_scale, b, out_dtype)
     _check_against_float64(ref, x_fp8, x_scale, w_fp8, w_scale, b)
+
+
+def _tma_or_skip(kernel: str, device: str) -> None:
+    if kernel == "tma" and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA GEMM kernel needs Hopper (compute capability 9.0) or newer")
+
+
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("m", "n", "k"), [(67, 136, 208), (5, 40, 96)])
+def test_each_triton_gemm_kernel_matches_float64(
+    triton_backend: None,
+    device: str,
+    kernel: Literal["tma", "pointer"],
+    m: int,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype,
+) -> None:
+    """Both GEMM kernels, forced, on shapes the TMA kernel accepts (K % 16 == 0) with partial tiles
+    in M, N and K, several tiles per persistent program, and a bias: within accumulation and output
+    rounding error of the float64 product."""
+    from llama_kernels._triton_fp8 import fp8_rowwise_matmul_triton
+
+    _tma_or_skip(kernel, device)
+    x_fp8, x_scale, w_fp8, w_scale, bias = _quantized_operands(m, n, k, device, seed=3)
+    out = fp8_rowwise_matmul_triton(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype, kernel=kernel)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    _check_against_float64(out, x_fp8, x_scale, w_fp8, w_scale, bias, TRITON_ACCUMULATION_EPS)
+
+
+def test_gemm_dispatch_needs_aligned_rows_for_tma(triton_backend: None, device: str) -> None:
+    """The copy engine needs 16-byte aligned rows: K = 208 (fp8) and N = 136 (bf16 output) qualify,
+    K = 200 and N = 130 fall back to the pointer kernel."""
+    from llama_kernels._triton_fp8 import _tma_usable
+
+    _tma_or_skip("tma", device)
+
+    def usable(m: int, n: int, k: int) -> bool:
+        a = torch.empty(m, k, dtype=E4M3, device=device)
+        b = torch.empty(n, k, dtype=E4M3, device=device)
+        c = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+        return _tma_usable(a, b, c)
+
+    assert usable(67, 136, 208)
+    assert not usable(67, 136, 200)
+    assert not usable(67, 130, 208)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [4096, 16384])
+def test_every_gemm_autotune_config_at_large_k(triton_backend: None, device: str, k: int) -> None:
+    """Each autotuning candidate of both GEMM kernels, forced in turn (autotuning would only ever
+    run the fastest), at the FFN's K sizes, where fp8 accumulation error adds up: all within the
+    bound against float64."""
+    if device != "cuda":
+        pytest.skip("needs a CUDA device: the interpreter has a single small config")
+    import triton
+
+    from llama_kernels._triton_fp8 import (
+        _pointer_configs,
+        _tma_configs,
+        _tma_usable,
+        fp8_rowwise_matmul_triton,
+    )
+
+    m, n = 300, 264  # partial tiles for every config
+    x_fp8, x_scale, w_fp8, w_scale, bias = _quantized_operands(m, n, k, device, seed=4)
+    c = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    kernels: dict[Literal["tma", "pointer"], list[triton.Config]] = {"pointer": _pointer_configs()}
+    if _tma_usable(x_fp8, w_fp8, c):
+        kernels["tma"] = _tma_configs()
+    for kernel, configs in kernels.items():
+        for config in configs:
+            out = fp8_rowwise_matmul_triton(
+                x_fp8, x_scale, w_fp8, w_scale, bias, torch.bfloat16, kernel=kernel, config=config
+            )
+            _check_against_float64(
+                out, x_fp8, x_scale, w_fp8, w_scale, bias, TRITON_ACCUMULATION_EPS
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_2_to_the_31_elements(triton_backend: None, device: str) -> None:
+    """Activations and outputs of more than 2^31 elements (a 405B FFN over 128k tokens is 7e9):
+    the kernels' offsets are 64-bit, so the last rows are quantized and multiplied correctly.
+    Needs about 11 GB of GPU memory."""
+    if device != "cuda":
+        pytest.skip("needs a CUDA device with about 11 GB free")
+    from llama_kernels._triton_fp8 import fp8_rowwise_matmul_triton
+
+    k = n = 4096
+    m = 2**31 // k + 192  # M·K and M·N both exceed 2^31
+    generator = torch.Generator(device=device).manual_seed(6)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=generator)
+    x_fp8, x_scale = quantize_fp8_rowwise(x)
+    tail = slice(m - 256, m)
+    ref_fp8, ref_scale = quantize_fp8_rowwise_reference(x[tail])
+    torch.testing.assert_close(x_scale[tail], ref_scale, rtol=0, atol=0)
+    assert torch.equal(_bytes(x_fp8[tail]), _bytes(ref_fp8))
+    del x
+    w_fp8, w_scale = quantize_fp8_rowwise(torch.randn(n, k, device=device) / math.sqrt(k))
+    kernels: list[Literal["tma", "pointer"]] = ["pointer"]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        kernels.append("tma")
+    for kernel in kernels:
+        out = fp8_rowwise_matmul_triton(
+            x_fp8, x_scale, w_fp8, w_scale, None, torch.bfloat16, kernel=kernel
+        )
+        _check_against_float64(
+            out[tail], x_fp8[tail], x_scale[tail], w_fp8, w_scale, None, TRITON_ACCUMULATION_EPS
+        )
+        del out
 
 
 def test_matmul_flattens_leading_dims(backend: str, device: str) -> None:

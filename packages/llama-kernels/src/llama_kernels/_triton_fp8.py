@@ -16,17 +16,31 @@ code path and the GPU's the same, bit for bit. The scale and x / scale use `tl.d
 division, as torch does), not Triton's default approximate fp32 division, so scales and bytes match
 the PyTorch reference exactly.
 
-`_fp8_rowwise_matmul_kernel`: C = (A @ Bᵀ) · a_scale[:, None] · b_scale[None, :] (+ bias) with A
-[M, K] e4m3 activations and B [N, K] e4m3 weights in nn.Linear's layout. A tiled GEMM in the style
-of Triton's matmul tutorial: each program computes a [BLOCK_M, BLOCK_N] tile, looping over K in
-BLOCK_K steps with `tl.dot` on fp8 operands into an fp32 accumulator; programs are ordered in groups
-of GROUP_M tile-rows so that consecutive programs reuse the same B tiles from L2. Hopper's fp8
-`wgmma` needs both operands K-major in shared memory: A's tiles are row-major [BLOCK_M, BLOCK_K]
-and B's [BLOCK_K, BLOCK_N] tiles are read straight from the [N, K] weight (K contiguous), so no
-transpose is needed. Hopper's fp8 tensor cores accumulate in reduced precision (about 14 bits,
+The GEMM: C = (A @ Bᵀ) · a_scale[:, None] · b_scale[None, :] (+ bias) with A [M, K] e4m3
+activations and B [N, K] e4m3 weights in nn.Linear's layout, in two kernels that share the tile
+order (`_tile_coordinates`: GROUP_M tile-rows swept together so that B tiles stay in L2) and the
+epilogue (`_scaled_epilogue`: row scales, bias, cast).
+
+- `_fp8_matmul_tma_kernel` (Hopper and newer, rows 16-byte aligned, i.e. K % 16 == 0): persistent
+  (one program per SM looping over tiles) and fed by the tensor-memory accelerator through host-side
+  `TensorDescriptor`s (Triton 3.4+; not the experimental descriptor API that Triton 3.x removed).
+  The copy engine zero-fills out-of-bounds rows, columns and the K tail, and clips the output store,
+  so the kernel has no masks. The output is stored in two half-width pieces (EPILOGUE_SUBTILE) to
+  halve the shared memory it is staged in. The interpreter runs the same kernel.
+- `_fp8_matmul_pointer_kernel` (everything else, e.g. Ada, or K % 16 != 0): one program per tile
+  in the style of Triton's matmul tutorial; rows and columns past the edge wrap around to valid ones
+  and are masked at the store, K's tail is masked.
+
+Both loop over K in BLOCK_K steps with `tl.dot` on fp8 operands (both K-major, as Hopper's fp8
+`wgmma` needs; B's [BLOCK_N, BLOCK_K] tiles are read straight from the [N, K] weight) into an fp32
+accumulator. Hopper's fp8 tensor cores accumulate in reduced precision (about 14 bits,
 DeepSeek-V3 §3.3.2); with `PRECISE_ACC` the partial sums are promoted to the fp32 accumulator once
-per BLOCK_K (`max_num_imprecise_acc=BLOCK_K`), FBGEMM's `fp8_fast_accum=False`. The row scales,
-the bias and the output cast live in the epilogue; a bf16 output is rounded to nearest even by
+per BLOCK_K = 128 (`max_num_imprecise_acc=BLOCK_K`), as FBGEMM's `fp8_fast_accum=False` and
+`torch._scaled_mm(use_fast_accum=False)` do. That promotion is what bounds this GEMM on an H100:
+in a sweep (2026-11-22, Triton 3.6) the TMA kernel reached about 1000 TFLOP/s at 8192³ with it and
+1325 without it. Our reading, not checked in the SASS: Triton adds each chunk in only after its
+`wgmma`s have finished, while CUTLASS (behind `torch._scaled_mm`) overlaps those adds with another
+warpgroup's `wgmma`s ("ping-pong"), which Triton 3.6 does not express. A bf16 output is rounded to nearest even by
 `_round_to_bf16_grid` before the cast, because the interpreter's fp32 → bf16 cast truncates (on a
 GPU the cast rounds already; the explicit rounding is a few integer operations per output element).
 The interpreter runs `tl.dot` on fp8 operands correctly (it widens them to fp16, exact for e4m3,
@@ -40,9 +54,16 @@ and multiplies in numpy with an fp32 result), so the GEMM needs no interpreter-o
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side tensor descriptors (TMA), Triton 3.4+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
+    TensorDescriptor = None
 
 from llama_kernels._backend import _interpreting
 from llama_kernels.fp8 import FP8_E4M3_MAX, MIN_ROW_MAX
@@ -184,8 +205,145 @@ def quantize_fp8_rowwise_triton(
 # ---------------------------------------------------------------------------------------------
 
 
-def _matmul_configs() -> list[triton.Config]:
-    """Autotuning candidates: H100-sized tiles; one small tile under the CPU interpreter.
+@triton.jit
+def _tile_coordinates(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M tile-rows are swept together, column by column, so the B tiles
+    a group reads stay in L2 while its tiles are computed."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled_epilogue(
+    acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, out_dtype, HAS_BIAS: tl.constexpr
+):
+    """acc · a_scale[:, None] · b_scale[None, :] (+ bias), rounded and cast to `out_dtype`."""
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    acc = acc * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if out_dtype == tl.bfloat16:
+        # The interpreter's fp32 → bf16 cast truncates; rounding first makes the cast exact.
+        acc = _round_to_bf16_grid(acc)
+    return acc.to(out_dtype)
+
+
+# --- Hopper: persistent, TMA-fed -------------------------------------------------------------
+
+
+def _set_block_shapes(nargs: dict[str, Any]) -> None:
+    """Autotuner pre-hook: the host-side descriptors' block shapes follow the config's tiles."""
+    block_m, block_n, block_k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [block_m, block_k]
+    nargs["b_desc"].block_shape = [block_n, block_k]
+    subtiles = 2 if nargs["EPILOGUE_SUBTILE"] else 1
+    nargs["c_desc"].block_shape = [block_m, block_n // subtiles]
+
+
+def _tma_configs() -> list[triton.Config]:
+    """Autotuning candidates of the TMA kernel; one small config under the CPU interpreter.
+
+    From a sweep on an H100 (Triton 3.6; M = N = K = 8192 and two FFN shapes, fp32 promotion on):
+    [128, 256] tiles with 8 warps were fastest (about 1000 TFLOP/s), although the two accumulators
+    that the promotion needs (fp32 total + tensor-core partial, 128 registers each per thread) make
+    ptxas spill a few registers; [128, 128] with 6 stages came within 3%. Slower, and left out:
+    16 warps on [128, 256] or [256, 128] (no spills, but [64, 128] wgmma per warpgroup: 850-960),
+    BLOCK_K = 64 (promotion twice as often: 650), two programs per SM with a 128-register cap
+    (spills: 710-910), and `warp_specialize=True` (no gain on Hopper). [64, 128] serves small M.
+    """
+    if _INTERPRETING:
+        # Tiny tiles, GROUP_M = 2 and a split epilogue, so that the test shapes exercise partial
+        # tiles, partial groups, several tiles per program and both halves of the store.
+        return [
+            triton.Config(
+                {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "EPILOGUE_SUBTILE": True},
+                num_stages=1, num_warps=4, pre_hook=_set_block_shapes,
+            )
+        ]  # fmt: skip
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, EPILOGUE_SUBTILE)
+        (128, 256, 128, 3, 8, True),
+        (128, 128, 128, 6, 8, True),
+        (64, 128, 128, 4, 4, False),
+    ]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SUBTILE": sub},
+            num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes,
+        )
+        for bm, bn, bk, stages, warps, sub in shapes
+    ]  # fmt: skip
+
+
+@triton.jit
+def _fp8_matmul_tma_kernel(
+    a_desc,  # [M, K] e4m3 activations, [BLOCK_M, BLOCK_K] blocks
+    b_desc,  # [N, K] e4m3 weights, [BLOCK_N, BLOCK_K] blocks
+    c_desc,  # [M, N] output, [BLOCK_M, BLOCK_N // (1 + EPILOGUE_SUBTILE)] blocks
+    a_scale_ptr,  # [M] fp32
+    b_scale_ptr,  # [N] fp32
+    bias_ptr,  # [N] or None
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotuning key only: M rounded up to a power of two (one tuning per bucket)
+    HAS_BIAS: tl.constexpr,
+    PRECISE_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    out_dtype = c_desc.dtype
+    # Persistent: one program per SM walks the tiles, so that a tile's epilogue (scales, cast,
+    # asynchronous store) overlaps the next tile's first loads.
+    for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coordinates(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            # Out-of-bounds rows, columns and the K tail are zero-filled by the copy engine.
+            a = a_desc.load([off_m, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+            b = b_desc.load([off_n, ki * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K if PRECISE_ACC else None)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        c = _scaled_epilogue(
+            acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, out_dtype, HAS_BIAS
+        )
+        # The store clips rows and columns past the edge.
+        if EPILOGUE_SUBTILE:
+            # Two half-width stores: half the shared-memory staging buffer.
+            c = tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            c_left, c_right = tl.split(c)  # [BLOCK_M, BLOCK_N // 2] each
+            c_desc.store([off_m, off_n], c_left)
+            c_desc.store([off_m, off_n + BLOCK_N // 2], c_right)
+        else:
+            c_desc.store([off_m, off_n], c)
+
+
+_fp8_matmul_tma_autotuned = triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"])(
+    _fp8_matmul_tma_kernel
+)
+
+
+# --- Everywhere else: plain pointers ---------------------------------------------------------
+
+
+def _pointer_configs() -> list[triton.Config]:
+    """Autotuning candidates of the pointer kernel: H100-sized tiles; one small tile under the
+    CPU interpreter.
 
     fp8 is one byte, so BLOCK_K = 128 is a 128-byte row per tile, the width of Hopper's shared
     memory swizzle. A [128, 256] tile with 3 stages uses (128 + 256) · 128 · 3 = 144 KiB of shared
@@ -219,10 +377,8 @@ def _matmul_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _fp8_rowwise_matmul_kernel(
+def _fp8_matmul_pointer_kernel(
     a_ptr,  # [M, K] e4m3 activations
     b_ptr,  # [N, K] e4m3 weights
     c_ptr,  # [M, N] output
@@ -247,18 +403,9 @@ def _fp8_rowwise_matmul_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # Grouped program order: GROUP_M tile-rows are swept together, column by column, so the B
-    # tiles a group reads stay in L2 while its programs run.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_coordinates(
+        tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M
+    )
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -282,19 +429,47 @@ def _fp8_rowwise_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # Epilogue: row scales of A and B, bias, cast.
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    acc = acc * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    if c_ptr.dtype.element_ty == tl.bfloat16:
-        # The interpreter's fp32 → bf16 cast truncates; rounding first makes the cast exact.
-        acc = _round_to_bf16_grid(acc)
-    c = acc.to(c_ptr.dtype.element_ty)
+    c = _scaled_epilogue(
+        acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr.dtype.element_ty,
+        HAS_BIAS,
+    )  # fmt: skip
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_fp8_matmul_pointer_autotuned = triton.autotune(
+    configs=_pointer_configs(), key=["M_BUCKET", "N", "K"]
+)(
+    triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(
+        _fp8_matmul_pointer_kernel
+    )
+)
+
+
+# --- Launch ----------------------------------------------------------------------------------
+
+GemmKernel = Literal["tma", "pointer"]
+
+
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """The TMA kernel runs on Hopper or newer (and in the interpreter) when every 2-D operand's
+    rows start 16-byte aligned, as the copy engine requires (K % 16 == 0 for fp8 operands)."""
+    if TensorDescriptor is None:
+        return False
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
+        for t in tensors
+    )
+
+
+def _num_programs(device: torch.device) -> int:
+    """Programs of the persistent grid: one per SM (3 in the interpreter, to loop over tiles)."""
+    if device.type != "cuda":
+        return 3
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def fp8_rowwise_matmul_triton(
@@ -304,8 +479,15 @@ def fp8_rowwise_matmul_triton(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
+    kernel: GemmKernel | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton launch for `llama_kernels.fp8.fp8_rowwise_matmul` (inputs already validated)."""
+    """Triton launch for `llama_kernels.fp8.fp8_rowwise_matmul` (inputs already validated).
+
+    `kernel` and `config` are for tests and benchmarks: force the TMA or the pointer kernel (the
+    default picks TMA where `_tma_usable`), and one config instead of autotuning.
+    """
     k = x_fp8.shape[-1]
     n = w_fp8.shape[0]
     a = x_fp8.reshape(-1, k)  # [M, K]
@@ -317,29 +499,51 @@ def fp8_rowwise_matmul_triton(
     bias_c = None if bias is None else bias.contiguous()
     m = a.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
-    if m > 0 and n > 0:
+    if m == 0 or n == 0:
+        return c.reshape(*x_fp8.shape[:-1], n)
+    if kernel is None:
+        kernel = "tma" if _tma_usable(a, b, c) else "pointer"
+    m_bucket = min(triton.next_power_of_2(m), 4096)
+    forced = {} if config is None else {**config.kwargs, "num_warps": config.num_warps,
+                                        "num_stages": config.num_stages}  # fmt: skip
+    if kernel == "tma":
+        if not _tma_usable(a, b, c):
+            raise ValueError("the TMA kernel needs Hopper and 16-byte aligned rows (K % 16 == 0)")
+        assert TensorDescriptor is not None
+        num_programs = _num_programs(a.device)
+        # Block shapes are placeholders until the config is known (`_set_block_shapes`).
+        descs = {
+            "a_desc": TensorDescriptor.from_tensor(a, [1, 16]),
+            "b_desc": TensorDescriptor.from_tensor(b, [1, 16]),
+            "c_desc": TensorDescriptor.from_tensor(c, [1, 16]),
+        }
+        tma_args = (a_scale, b_scale, bias_c, m, n, k, m_bucket)
+        flags = {"HAS_BIAS": bias_c is not None, "PRECISE_ACC": PRECISE_ACC}
 
         def grid(meta: dict[str, int]) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (min(num_programs, tiles),)
 
-        _fp8_rowwise_matmul_kernel[grid](
-            a,
-            b,
-            c,
-            a_scale,
-            b_scale,
-            bias_c,
-            m,
-            n,
-            k,
-            min(triton.next_power_of_2(m), 4096),
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
-            c.stride(0),
-            c.stride(1),
-            HAS_BIAS=bias_c is not None,
-            PRECISE_ACC=PRECISE_ACC,
+        if config is None:
+            _fp8_matmul_tma_autotuned[grid](*descs.values(), *tma_args, **flags)
+        else:
+            _set_block_shapes({**descs, **config.kwargs})
+            _fp8_matmul_tma_kernel[grid(config.kwargs)](
+                *descs.values(), *tma_args, **flags, **forced
+            )
+        return c.reshape(*x_fp8.shape[:-1], n)
+
+    def pointer_grid(meta: dict[str, int]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = (a, b, c, a_scale, b_scale, bias_c, m, n, k, m_bucket, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), c.stride(0), c.stride(1))  # fmt: skip
+    flags = {"HAS_BIAS": bias_c is not None, "PRECISE_ACC": PRECISE_ACC}
+    if config is None:
+        _fp8_matmul_pointer_autotuned[pointer_grid](*args, **flags)
+    else:
+        even_k = k % config.kwargs["BLOCK_K"] == 0
+        _fp8_matmul_pointer_kernel[pointer_grid(config.kwargs)](
+            *args, **flags, **forced, EVEN_K=even_k
         )
     return c.reshape(*x_fp8.shape[:-1], n)
