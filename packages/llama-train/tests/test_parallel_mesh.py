@@ -15,7 +15,9 @@ RunDistributed = Callable[..., CompletedProcess[str]]  # the conftest fixture's 
 def test_resolve_fills_dp_shard_and_names_bad_products() -> None:
     assert ParallelDims(tp=2, pp=2).resolve(8).dp_shard == 2
     assert ParallelDims(tp=2, dp_replicate=2).resolve(8).dp == 4
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by pp·dp_replicate·cp·tp = 4"):
+    with pytest.raises(
+        ValueError, match=r"world size 6 is not divisible by pp·dp_replicate·cp·tp = 4"
+    ):
         ParallelDims(tp=2, cp=2).resolve(6)
     with pytest.raises(ValueError, match=r"= 4, but the world size is 8"):
         ParallelDims(dp_shard=2, tp=2).resolve(8)

@@ -8,6 +8,8 @@ published numbers.
 from __future__ import annotations
 
 import math
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from llama_train.scaling_laws import (
     fit_from_runs,
     fit_power_law,
     isoflops_minimum,
+    plot_scaling_law,
     scaling_law_table,
 )
 
@@ -175,3 +178,50 @@ def test_compute_optimal_rejects_nonpositive_budget() -> None:
     """A zero budget is rejected by value."""
     with pytest.raises(ValueError, match="budget_flops must be finite and > 0, got 0"):
         compute_optimal(0.0, PowerLaw(A=PAPER_A, alpha=PAPER_ALPHA))
+
+
+def _png_pixels(path: Path) -> tuple[tuple[int, int], np.ndarray]:
+    """(width, height) from the PNG header, and the decoded [H, W, RGB] pixels in [0, 1]."""
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    width, height = struct.unpack(">II", data[16:24])
+    return (width, height), matplotlib.image.imread(path)[..., :3]
+
+
+def _count_color(pixels: np.ndarray, hex_color: str) -> int:
+    rgb = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]) / 255
+    return int((np.abs(pixels - rgb).max(axis=-1) < 0.05).sum())
+
+
+TAB_ORANGE, TAB_RED = "#ff7f0e", "#d62728"  # the law line; the budget's prediction
+
+
+def test_plot_scaling_law_writes_both_panels(tmp_path: Path) -> None:
+    """A valid 1200x500 PNG with the power-law line and the flagship prediction drawn."""
+    png = plot_scaling_law(_synthetic_runs(seed=3), tmp_path / "plots" / "scaling.png")
+    assert png == tmp_path / "plots" / "scaling.png"
+    assert png.stat().st_size > 20_000
+    size, pixels = _png_pixels(png)
+    assert size == (1200, 500)
+    assert _count_color(pixels, TAB_ORANGE) > 200
+    assert _count_color(pixels, TAB_RED) > 100
+    assert not (tmp_path / "plots" / "scaling.png.tmp").exists()
+
+
+def test_plot_scaling_law_without_budget_has_no_prediction(tmp_path: Path) -> None:
+    """budget=None draws the fit only: no red prediction marker or line."""
+    _, pixels = _png_pixels(
+        plot_scaling_law(_synthetic_runs(seed=3), tmp_path / "s.png", budget=None)
+    )
+    assert _count_color(pixels, TAB_ORANGE) > 200
+    assert _count_color(pixels, TAB_RED) == 0
+
+
+def test_plot_scaling_law_rejects_unfittable_runs(tmp_path: Path) -> None:
+    """The plot fits as fit_from_runs does, with the same error, and writes nothing."""
+    runs = [(1e20, 1e9, 3.0), (1e20, 1e10, 2.8), (1e20, 1e11, 3.0)]
+    with pytest.raises(ValueError, match=r">= 2 compute budgets"):
+        plot_scaling_law(runs, tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()

@@ -18,15 +18,19 @@ parameters the paper quotes. No (α, A) that rounds to (0.53, 0.29) reaches 16.5
 cannot reconstruct from the published coefficients. The paper's own pair is also only loosely
 6ND-consistent: 6 · 402e9 · 16.55e12 ≈ 3.99e25, 5% above 3.8e25.
 
-`scaling_law_table` renders the fitted minima and the law as text (no plotting dependency).
+`scaling_law_table` renders the fitted minima and the law as text; `plot_scaling_law` draws the
+IsoFLOPs curves (the paper's Figure 2) and the power law with a budget's prediction (Figure 3)
+to a PNG (matplotlib, imported only when plotting).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +48,7 @@ __all__ = [
     "compute_optimal",
     "fit_from_runs",
     "scaling_law_table",
+    "plot_scaling_law",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -89,6 +94,16 @@ def isoflops_minimum(
 
     `budget` is only used to name the IsoFLOPs curve in error messages.
     """
+    a, b, c = _isoflops_parabola(tokens, losses, budget=budget)
+    x_star = -b / (2 * a)
+    loss_star = c - b * b / (4 * a)
+    return float(10**x_star), float(loss_star)
+
+
+def _isoflops_parabola(
+    tokens: ArrayLike, losses: ArrayLike, *, budget: float | None = None
+) -> tuple[float, float, float]:
+    """Validate one IsoFLOPs curve and fit (a, b, c) of loss = a·x² + b·x + c, x = log10 t."""
     where = f" for compute budget {budget:.3g} FLOPs" if budget is not None else ""
     t = _positive_array(tokens, "tokens")
     y = np.asarray(losses, dtype=np.float64)
@@ -107,17 +122,14 @@ def isoflops_minimum(
         raise ValueError(
             f"a parabola needs at least 3 distinct token counts{where}, got {np.unique(t).tolist()}"
         )
-    x = np.log10(t)
-    a, b, c = np.polyfit(x, y, deg=2)
+    a, b, c = np.polyfit(np.log10(t), y, deg=2)
     if a <= 0:
         raise ValueError(
             f"IsoFLOPs fit{where} opens downward or is flat (quadratic coefficient a = {a:.4g} "
             "<= 0), so it has no minimum; the runs probably do not bracket the optimum — "
             "add runs with fewer and more tokens"
         )
-    x_star = -b / (2 * a)
-    loss_star = c - b * b / (4 * a)
-    return float(10**x_star), float(loss_star)
+    return float(a), float(b), float(c)
 
 
 def fit_power_law(compute: ArrayLike, optimal_tokens: ArrayLike) -> PowerLaw:
@@ -161,24 +173,32 @@ def fit_from_runs(
 
     Returns ({budget: (t*, loss*)} in increasing budget order, PowerLaw).
     """
-    by_budget: dict[float, list[tuple[float, float]]] = defaultdict(list)
+    by_budget = _group_runs(runs)
+    minima: dict[float, tuple[float, float]] = {}
+    for budget, (tokens_at, losses_at) in by_budget.items():
+        minima[budget] = isoflops_minimum(tokens_at, losses_at, budget=budget)
+    law = fit_power_law(list(minima), [t for t, _ in minima.values()])
+    return minima, law
+
+
+def _group_runs(
+    runs: Iterable[tuple[float, float, float]],
+) -> dict[float, tuple[list[float], list[float]]]:
+    """{budget: (tokens, losses)} in increasing budget order; needs >= 2 budgets."""
+    by_budget: dict[float, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for run in runs:
         if len(run) != 3:
             raise ValueError(f"each run must be (compute, tokens, loss), got {run!r}")
         compute, tokens, loss = (float(v) for v in run)
         if not (math.isfinite(compute) and compute > 0):
             raise ValueError(f"run compute must be finite and > 0, got {compute} in {run!r}")
-        by_budget[compute].append((tokens, loss))
+        by_budget[compute][0].append(tokens)
+        by_budget[compute][1].append(loss)
     if len(by_budget) < 2:
         raise ValueError(
             f"need runs at >= 2 compute budgets to fit a power law, got {sorted(by_budget)}"
         )
-    minima: dict[float, tuple[float, float]] = {}
-    for budget in sorted(by_budget):
-        tokens_at, losses_at = zip(*by_budget[budget], strict=True)
-        minima[budget] = isoflops_minimum(tokens_at, losses_at, budget=budget)
-    law = fit_power_law(list(minima), [t for t, _ in minima.values()])
-    return minima, law
+    return {budget: by_budget[budget] for budget in sorted(by_budget)}
 
 
 def scaling_law_table(
@@ -203,3 +223,84 @@ def scaling_law_table(
             f"{budget:>16.3e} {'-':>12} {tokens:>12.4e} {'-':>8} {params:>13.4e}  (extrapolated)"
         )
     return "\n".join(lines)
+
+
+def plot_scaling_law(
+    runs: Iterable[tuple[float, float, float]],
+    png: Path,
+    *,
+    budget: float | None = PAPER_FLAGSHIP_FLOPS,
+    flops_per_token: float = FLOPS_PER_TOKEN_PER_PARAM,
+) -> Path:
+    """Draw the scaling-law fit of (compute, tokens, loss) `runs` to `png`; return `png`.
+
+    Left panel (the paper's Figure 2): validation loss against training tokens for each compute
+    budget, the fitted parabola in log10(tokens) and its minimum. Right panel (Figure 3): the
+    minima N*(C) against compute, the fitted power law N*(C) = A·C^α and, when `budget` is given,
+    the law's prediction there, labelled with tokens and parameters (C / (flops_per_token·N*)).
+    Fits exactly as `fit_from_runs` does, with the same errors. The PNG is written to a temporary
+    name and renamed, so an existing plot is replaced only by a complete one.
+    """
+    # Imported here: the fits need only numpy. The Agg canvas is used directly (no pyplot, no
+    # global backend, no display).
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_budget = _group_runs(runs)
+    parabolas = {c: _isoflops_parabola(t, y, budget=c) for c, (t, y) in by_budget.items()}
+    minima, law = fit_from_runs(
+        (c, t, y) for c, (ts, ys) in by_budget.items() for t, y in zip(ts, ys, strict=True)
+    )
+    prediction = compute_optimal(budget, law, flops_per_token) if budget is not None else None
+
+    figure = Figure(figsize=(12, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    curves, law_axes = figure.subplots(1, 2)
+    log_budgets = np.log10(list(by_budget))
+    span = float(np.ptp(log_budgets)) or 1.0
+    colormap = colormaps["viridis"]
+    for (compute, (tokens, losses)), log_c in zip(by_budget.items(), log_budgets, strict=True):
+        color = colormap(0.9 * (log_c - log_budgets.min()) / span)
+        a, b, c = parabolas[compute]
+        x = np.linspace(np.log10(min(tokens)) - 0.1, np.log10(max(tokens)) + 0.1, 200)
+        curves.scatter(tokens, losses, color=color, s=14)
+        curves.plot(10**x, a * x**2 + b * x + c, color=color, label=f"{compute:.0e} FLOPs")
+        t_star, loss_star = minima[compute]
+        curves.scatter([t_star], [loss_star], color=color, marker="*", s=140, edgecolor="black")
+    curves.set_xscale("log")
+    curves.set_xlabel("training tokens")
+    curves.set_ylabel("validation loss")
+    curves.set_title("IsoFLOPs curves and fitted minima (★)")
+    curves.grid(alpha=0.3, which="both")
+    curves.legend(fontsize=8)
+
+    budgets = np.array(list(minima))
+    minimum_tokens = [t for t, _ in minima.values()]
+    law_axes.scatter(budgets, minimum_tokens, color="tab:blue", zorder=3, label="IsoFLOPs minima")
+    high = max(budgets.max(), budget if budget is not None else 0.0)
+    line = np.geomspace(budgets.min(), high, 200)
+    law_label = f"N*(C) = {law.A:.3g}·C^{law.alpha:.3f}"
+    law_axes.plot(line, law.predict(line), color="tab:orange", label=law_label)
+    if prediction is not None and budget is not None:
+        predicted_tokens, params = prediction
+        label = f"{budget:.2e} FLOPs: {predicted_tokens:.3g} tokens, {params:.3g} params"
+        law_axes.scatter(
+            [budget], [predicted_tokens], color="tab:red", marker="*", s=160, zorder=4, label=label
+        )
+        law_axes.axvline(budget, color="tab:red", linestyle=":", alpha=0.6)
+    law_axes.set_xscale("log")
+    law_axes.set_yscale("log")
+    law_axes.set_xlabel("compute (FLOPs)")
+    law_axes.set_ylabel("compute-optimal training tokens N*(C)")
+    law_axes.set_title("Compute-optimal tokens: power-law fit")
+    law_axes.grid(alpha=0.3, which="both")
+    law_axes.legend(fontsize=8)
+    figure.tight_layout()
+
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.name + ".tmp")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, png)
+    return png

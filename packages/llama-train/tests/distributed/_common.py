@@ -60,7 +60,9 @@ def reference(model: Llama, batch: Batch) -> tuple[float, dict[str, torch.Tensor
     model.zero_grad(set_to_none=True)
     loss = language_model_loss(model, batch)
     loss.backward()  # type: ignore[no-untyped-call]
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
 
@@ -77,7 +79,9 @@ def check_grads(named_grads: dict[str, torch.Tensor], expected: dict[str, torch.
     missing = set(expected) - set(named_grads)
     assert not missing, f"no gradient for {sorted(missing)}"
     for name, grad in named_grads.items():
-        torch.testing.assert_close(full(grad), expected[name], **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            full(grad), expected[name], **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def done(rank: int, what: str) -> None:
@@ -85,3 +89,50 @@ def done(rank: int, what: str) -> None:
     if rank == 0:
         print(f"OK {what} (world {dist.get_world_size()}, pid {os.getpid()})")
     dist.destroy_process_group()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): enough to make real token shards for tests."""
+
+    vocab_size = 256
+    name = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def write_tiny_shards(path: str, *, documents: int = 60, seed: int = 0) -> None:
+    """Token shards of `documents` random-length pseudo-text documents (bytes as tokens)."""
+    import random
+
+    from llama_data import Document, write_token_shards
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "llama", "token", "shard", "model", "loss"]
+    docs = [
+        Document(id=str(i), text=" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))))
+        for i in range(documents)
+    ]
+    write_token_shards(docs, ByteTokenizer(), path, add_bos=False, add_eos=False, overwrite=True)
+
+
+TINY_MODEL_OVERRIDES = (
+    "model.overrides={dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, "
+    "multiple_of=32, max_seq_len=64, tie_word_embeddings=false}"
+)
+
+
+def trainer_overrides(shards: str, out_dir: str, steps: int = 3) -> list[str]:
+    """TrainConfig overrides of the small runs the trainer tests compare."""
+    return [
+        TINY_MODEL_OVERRIDES,
+        f'data.sources=[{{path="{shards}"}}]',
+        "data.batch_size=4",
+        "data.seq_len=16",
+        f"steps={steps}",
+        "optimizer.warmup_steps=1",
+        "checkpoint.interval=0",
+        f'out_dir="{out_dir}"',
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]

@@ -13,12 +13,15 @@ so that a data-parallel replica's stages can sit on different nodes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["MESH_DIMS", "ParallelDims", "build_mesh"]
+__all__ = ["MESH_DIMS", "ParallelDims", "ParallelMesh", "build_mesh"]
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -31,11 +34,19 @@ class ParallelDims(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dp_replicate: int = Field(1, ge=1, description="HSDP replicas (full copies of the sharded model)")
-    dp_shard: int = Field(-1, description="FSDP shards per replica; -1 fills the world size")
-    cp: int = Field(1, ge=1, description="context-parallel ranks (sequence split, K/V gathered)")
-    tp: int = Field(1, ge=1, description="tensor-parallel ranks (heads and FFN columns split)")
-    pp: int = Field(1, ge=1, description="pipeline stages' ranks")
+    dp_replicate: int = Field(
+        default=1, ge=1, description="HSDP replicas (full copies of the sharded model)"
+    )
+    dp_shard: int = Field(
+        default=-1, description="FSDP shards per replica; -1 fills the world size"
+    )
+    cp: int = Field(
+        default=1, ge=1, description="context-parallel ranks (sequence split, K/V gathered)"
+    )
+    tp: int = Field(
+        default=1, ge=1, description="tensor-parallel ranks (heads and FFN columns split)"
+    )
+    pp: int = Field(default=1, ge=1, description="pipeline stages' ranks")
 
     @model_validator(mode="after")
     def _check_dp_shard(self) -> Self:
@@ -74,18 +85,48 @@ class ParallelDims(BaseModel):
         return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
 
-def build_mesh(dims: ParallelDims, world_size: int, device_type: str) -> DeviceMesh:
-    """A 5-D mesh named `MESH_DIMS` (size-1 dimensions included), plus flattened views:
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The 5-D `world` mesh named `MESH_DIMS` and its flattened views; ``mesh[name]`` gives any of
+    them by name:
 
+    - ``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp``: the 1-D slices of `world`;
     - ``dp`` (dp_replicate × dp_shard): ranks that read different data;
     - ``dp_shard_cp`` (dp_shard × cp): the FSDP sharding group (CP ranks shard weights too);
-    - ``dp_cp`` (dp_replicate × dp_shard × cp): ranks whose losses and gradients are summed.
-
-    Needs an initialised default process group of `world_size` ranks.
+    - ``dp_cp`` (dp_replicate × dp_shard × cp): ranks whose losses and gradients are summed;
+    - ``fsdp``: the mesh FSDP2 shards over: ``dp_shard_cp``, or 2-D (dp_replicate, dp_shard_cp)
+      for HSDP when dp_replicate > 1.
     """
+
+    world: DeviceMesh
+    flattened: Mapping[str, DeviceMesh]
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        if name in self.flattened:
+            return self.flattened[name]
+        if name not in MESH_DIMS:
+            raise KeyError(
+                f"no mesh dimension {name!r}; have {', '.join((*MESH_DIMS, *self.flattened))}"
+            )
+        return self.world[name]
+
+
+def build_mesh(dims: ParallelDims, world_size: int, device_type: str) -> ParallelMesh:
+    """The mesh for `dims` (see `ParallelMesh`); needs an initialised default process group of
+    `world_size` ranks. Every rank must call it (it creates process groups)."""
     resolved = dims.resolve(world_size)
-    mesh = init_device_mesh(device_type, resolved.sizes(), mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    return mesh
+    world = init_device_mesh(device_type, resolved.sizes(), mesh_dim_names=MESH_DIMS)
+    flattened = {
+        "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
+        "dp_shard_cp": world["dp_shard", "cp"]._flatten("dp_shard_cp"),
+        "dp_cp": world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+    }
+    if resolved.dp_replicate > 1:
+        flattened["fsdp"] = flattened["dp_cp"]._unflatten(
+            0,
+            (resolved.dp_replicate, resolved.dp_shard * resolved.cp),
+            ("dp_replicate", "dp_shard_cp"),
+        )
+    else:
+        flattened["fsdp"] = flattened["dp_shard_cp"]
+    return ParallelMesh(world=world, flattened=MappingProxyType(flattened))

@@ -1,0 +1,531 @@
+"""`Trainer`: Llama 3 pretraining on one `DeviceMesh`, from one CPU process to a GPU cluster.
+
+One code path for every layout. The model is built and initialised identically on every rank (so
+a parallel run starts from exactly the weights of a single-process run), then parallelised in the
+order torchtitan uses: pipeline split → tensor (+ sequence) parallel → context parallel →
+activation checkpointing → `torch.compile` per block → FSDP2 over the ``dp_shard × cp`` ranks
+(HSDP when ``dp_replicate > 1``). Each step:
+
+1. every data-parallel rank takes its rows of the global batch (`BatchLoader`);
+2. the loss is the batch's mean next-token cross-entropy over all non-ignored targets of the
+   *global* batch: each rank divides its summed cross-entropy by the global target count, and
+   gradients are *summed* over the data- and context-parallel ranks (FSDP's divide factor is 1),
+   so the update equals a single process's on the whole batch;
+3. gradients are clipped by their global norm, the loss is judged by the spike detector (skip the
+   update, or roll back to the last checkpoint after repeated spikes), AdamW steps at the
+   scheduled learning rate (warmup + cosine, then linear annealing to 0);
+4. metrics go to JSONL/TensorBoard, checkpoints to DCP; at the end the model (Polyak-averaged
+   over the annealing checkpoints, §3.4.3) is exported in the Hugging Face layout.
+
+bf16 compute keeps fp32 master weights and fp32 gradient reductions: FSDP's mixed-precision policy
+where FSDP is on, `torch.autocast` otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from tqdm import tqdm
+
+from llama_data import TokenShards
+from llama_model import Llama, LlamaConfig, Tokenizer, document_positions, flops_per_token
+from llama_model import save_checkpoint as export_checkpoint
+from llama_train.averaging import average_checkpoints
+from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
+from llama_train.config import SourceConfig, TrainConfig
+from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
+from llama_train.metrics import MetricsLogger, memory_stats, model_flops_utilization, peak_flops
+from llama_train.parallel.context_parallel import enable_context_parallel, shard_batch
+from llama_train.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
+from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
+from llama_train.parallel.tensor_parallel import apply_tensor_parallel
+from llama_train.schedules import annealed_lr
+from llama_train.spikes import SpikeDetector
+
+__all__ = ["TrainResult", "Trainer", "parallelize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished `Trainer.fit` did (losses of the steps this process ran)."""
+
+    steps: int
+    losses: dict[int, float] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    rollbacks: list[int] = field(default_factory=list)
+    exported: Path | None = None
+
+
+def parallelize(
+    model: Llama, mesh: ParallelMesh, dims: ParallelDims, config: TrainConfig, device: torch.device
+) -> tuple[list[nn.Module], Pipeline | None]:
+    """Apply the configured parallelisms to `model` (identical on every rank); returns this rank's
+    model parts (one, or its pipeline stages) and the pipeline schedule when pp > 1."""
+    p = config.parallel
+    parts: list[nn.Module]
+    if dims.pp > 1:
+        if dims.cp > 1:
+            raise ValueError(
+                "context parallelism combined with pipeline parallelism is not supported; "
+                "use cp=1 or pp=1"
+            )
+        parts = list(
+            split_llama(
+                model,
+                pp_rank=mesh["pp"].get_local_rank(),
+                pp_size=dims.pp,
+                stages_per_rank=p.pp_stages_per_rank,
+                layers_per_stage=p.pp_layers_per_stage,
+            )
+        )
+    else:
+        parts = [model]
+    fsdp_size = dims.dp_replicate * dims.dp_shard * dims.cp
+    bf16 = config.dtype == "bfloat16"
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)  # type: ignore[arg-type]
+        if dims.cp > 1:
+            enable_context_parallel(part, mesh["cp"])
+        layers: nn.Module = part.layers  # type: ignore[assignment]
+        for name, block in list(layers.named_children()):
+            if config.activation_checkpointing:
+                block = checkpoint_wrapper(block)
+            if config.compile:
+                block.compile()
+            layers.register_module(name, block)
+        if fsdp_size > 1:
+            fsdp_mesh = mesh["fsdp"]
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+            )
+            for block in layers.children():
+                fully_shard(block, mesh=fsdp_mesh, mp_policy=policy)
+            fully_shard(part, mesh=fsdp_mesh, mp_policy=policy)
+            # Each rank's loss is already divided by the global target count: sum, not average
+            # (plain SUM collectives: gloo has no PREMUL_SUM).
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_gradient_divide_factor(1.0)
+                    module.set_force_sum_reduction_for_comms(True)
+    pipeline = None
+    if dims.pp > 1:
+        pipeline = build_pipeline(
+            parts,
+            schedule=p.pp_schedule,
+            n_microbatches=p.pp_microbatches,
+            device=device,
+            group=mesh["pp"].get_group(),
+        )
+    return parts, pipeline
+
+
+class Trainer:
+    """Runs `config` under the current process group (torchrun) or as one process.
+
+    `fit()` resumes from the newest complete checkpoint in ``<out_dir>/checkpoints`` when
+    `config.checkpoint.resume` is set, trains to `config.steps`, saves, averages and exports.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device, self._owns_group = _init_distributed(config.device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dims = config.parallel.dims().resolve(self.world_size)
+        self.mesh = build_mesh(self.dims, self.world_size, self.device.type)
+        self.model_config: LlamaConfig = config.model.llama_config()
+        self.out_dir = Path(config.out_dir)
+
+        with torch.device(self.device):
+            model = Llama(self.model_config)
+        model.init_weights(seed=config.seed)
+        self.parts, self.pipeline = parallelize(model, self.mesh, self.dims, config, self.device)
+        self.optimizers = [self._adamw(part) for part in self.parts]
+        self._fsdp = self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1
+
+        dp_rank = self.mesh["dp"].get_local_rank()
+        sources = self._sources(config.data.sources, "data.sources")
+        ramp = config.data.batch_ramp()
+        self.loader = BatchLoader(
+            sources, ramp, seed=config.data.seed, dp_rank=dp_rank, dp_size=self.dims.dp
+        )
+        self.anneal_loader: BatchLoader | None = None
+        if config.anneal.steps and config.anneal.sources:
+            self.anneal_loader = BatchLoader(
+                self._sources(config.anneal.sources, "anneal.sources"),
+                ramp,
+                seed=config.data.seed + 1,
+                dp_rank=dp_rank,
+                dp_size=self.dims.dp,
+            )
+        self.spikes = SpikeDetector(
+            window=config.spikes.window,
+            min_history=config.spikes.min_history,
+            zscore=config.spikes.zscore,
+            min_ratio=config.spikes.min_ratio,
+            max_consecutive=config.spikes.max_consecutive,
+        )
+        self.checkpointer = TrainCheckpointer(
+            self.out_dir / "checkpoints",
+            keep_last=config.checkpoint.keep_last,
+            async_save=config.checkpoint.async_save,
+        )
+        self.step = 0
+        self.lr_schedule = config.lr_schedule()
+        self.anneal_start = config.steps - config.anneal.steps
+
+    # ------------------------------------------------------------------------------- setup
+    def _adamw(self, part: nn.Module) -> torch.optim.Optimizer:
+        o = self.config.optimizer
+        decay = [q for q in part.parameters() if q.dim() >= 2]  # matrices; not norm gains
+        no_decay = [q for q in part.parameters() if q.dim() < 2]
+        return torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": o.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=o.peak_lr,
+            betas=o.betas,
+            eps=o.eps,
+        )
+
+    def _sources(self, configs: tuple[SourceConfig, ...], where: str) -> list[DataSource]:
+        if not configs:
+            raise ValueError(
+                f"{where} is empty: give at least one token-shard directory, e.g. "
+                f'{where} = [{{path = "shards"}}] (write shards with llama-data)'
+            )
+        sources = []
+        for source in configs:
+            shards = TokenShards(source.path)
+            vocab = shards.manifest.tokenizer.vocab_size
+            if vocab > self.model_config.vocab_size:
+                raise ValueError(
+                    f"token shards {source.path} use a vocabulary of {vocab} ids, larger than the "
+                    f"model's vocab_size {self.model_config.vocab_size}"
+                )
+            sources.append(DataSource(name=source.label, shards=shards, weight=source.weight))
+        return sources
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": ModelState(self.parts),
+            "optim": OptimizerState(self.parts, self.optimizers),
+        }
+
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data": self.loader.state_dict(),
+            "anneal_data": None if self.anneal_loader is None else self.anneal_loader.state_dict(),
+            "spikes": self.spikes.state_dict(),
+        }
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint if resuming is on; returns the step to start at."""
+        latest = self.checkpointer.latest() if self.config.checkpoint.resume else None
+        if latest is None:
+            return 0
+        state = self.checkpointer.load(latest, self._state())
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["data"])
+        if self.anneal_loader is not None and state.get("anneal_data") is not None:
+            self.anneal_loader.load_state_dict(state["anneal_data"])
+        self.spikes.load_state_dict(state["spikes"])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", latest, self.step)
+        return self.step
+
+    # ------------------------------------------------------------------------------- a step
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step`: warmup + cosine, then linear annealing to 0."""
+        if self.config.anneal.steps:
+            return annealed_lr(self.lr_schedule, step, self.anneal_start, self.config.steps)
+        return self.lr_schedule.lr(step)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.dtype == "bfloat16" and not self._fsdp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Accumulate this rank's gradients for `batch`; returns the global batch's mean loss."""
+        batch = Batch(
+            *(
+                t.to(self.device, non_blocking=True)
+                for t in (batch.tokens, batch.targets, batch.document_ids)
+            )
+        )
+        count = (batch.targets != IGNORE_INDEX).sum().to(torch.float32)
+        if self.dims.dp > 1:
+            dist.all_reduce(count, group=self.mesh["dp"].get_group())
+        count = count.clamp(min=1.0)
+        if self.pipeline is not None:
+            with self._autocast():
+                loss = self.pipeline.step(batch, num_targets=count, broadcast_loss=True)
+            assert loss is not None
+            loss = loss.detach().float()
+        else:
+            model = self.parts[0]
+            with self._autocast():
+                if self.dims.cp > 1:
+                    shard = shard_batch(batch, self.dims.cp, self.mesh["cp"].get_local_rank())
+                    logits = model(
+                        shard.tokens, positions=shard.positions, attention_mask=shard.attention_mask
+                    )
+                    targets = shard.targets
+                else:
+                    logits = model(
+                        batch.tokens,
+                        positions=document_positions(batch.document_ids),
+                        document_ids=batch.document_ids,
+                    )
+                    targets = batch.targets
+            summed = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            loss = summed / count
+            loss.backward()  # type: ignore[no-untyped-call]
+            loss = loss.detach()
+        if self.dims.dp * self.dims.cp > 1:  # every rank's share of the global mean: sum them
+            dist.all_reduce(loss, group=self.mesh["dp_cp"].get_group())
+        return float(loss)
+
+    def clip_gradients(self) -> float:
+        """Clip all gradients by their global L2 norm (over every shard and stage); returns it."""
+        params = [q for part in self.parts for q in part.parameters() if q.grad is not None]
+        # Sum of squares of the local shards, then summed over every mesh dimension along which
+        # the gradient is sharded (not along replicated ones, which hold copies). Grouped by
+        # (mesh, placements) so each group costs one collective per sharded dimension.
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for q in params:
+            assert q.grad is not None
+            key = (q.grad.device_mesh, q.grad.placements) if isinstance(q.grad, DTensor) else None
+            groups.setdefault(key, []).append(q)
+        squared = torch.zeros((), dtype=torch.float32, device=self.device)
+        for key, group in groups.items():
+            local = [_local_for_norm(q.grad) for q in group if q.grad is not None]
+            part = torch.stack([g.float().pow(2).sum() for g in local]).sum()
+            if key is not None:  # add the squares of the other shards (not of replicas)
+                grad_mesh, placements = key
+                for dim, placement in enumerate(placements):
+                    if not placement.is_replicate():
+                        dist.all_reduce(part, group=grad_mesh.get_group(dim))
+            squared = squared + part
+        norm = squared.sqrt()
+        if self.dims.pp > 1:  # each stage holds different parameters: add their squares
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
+            norm = squared.sqrt()
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, self.config.optimizer.max_grad_norm, norm)
+        return float(norm)
+
+    # ------------------------------------------------------------------------------- the run
+    def _batches(self) -> Iterator[Batch]:
+        while True:
+            loader = self.loader
+            if self.anneal_loader is not None and self.step >= self.anneal_start:
+                loader = self.anneal_loader
+            yield loader.next_batch()
+
+    def _rollback(self, metrics: MetricsLogger) -> None:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            raise FloatingPointError(
+                f"{self.config.spikes.max_consecutive} loss spikes in a row at step {self.step} "
+                "and no checkpoint to roll back to; lower optimizer.peak_lr or save checkpoints "
+                "more often (checkpoint.interval)"
+            )
+        self.checkpointer.load(latest, self._state())  # weights and optimizer; data moves on
+        metrics.event(
+            self.step, "rollback", f"rolled back weights to {latest.name}", checkpoint=str(latest)
+        )
+
+    def save(self, *, keep: bool = False) -> Path:
+        return self.checkpointer.save(self.step, self._state(), self._train_state(), keep=keep)
+
+    def fit(self) -> TrainResult:
+        """Train from the resumed step to `config.steps`; save, average, export."""
+        config = self.config
+        start = self.resume()
+        result = TrainResult(steps=config.steps)
+        metrics = MetricsLogger(
+            self.out_dir,
+            tensorboard=config.logging.tensorboard,
+            enabled=self.rank == 0,
+            resume_step=start,
+        )
+        peak = (
+            config.logging.peak_tflops * 1e12
+            if config.logging.peak_tflops
+            else peak_flops(
+                self.device, torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+            )
+        )
+        bar = tqdm(
+            total=config.steps,
+            initial=start,
+            unit="step",
+            disable=self.rank != 0 or not config.logging.progress,
+        )
+        saved_at = -1
+        batches = self._batches()
+        with bar, metrics:
+            while self.step < config.steps:
+                step = self.step
+                batch = next(batches)
+                lr = self.lr_at(step)
+                for optimizer in self.optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.zero_grad(set_to_none=True)
+                started = time.perf_counter()
+                loss = self.forward_backward(batch)
+                grad_norm = self.clip_gradients()
+                verdict = self.spikes.judge(loss) if config.spikes.enabled else "ok"
+                if verdict == "ok" and not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {step}; enable spikes to skip such steps"
+                    )
+                if verdict == "ok":
+                    for optimizer in self.optimizers:
+                        optimizer.step()
+                else:
+                    result.skipped.append(step)
+                    metrics.event(
+                        step, "spike_skipped", f"loss {loss:.4f} skipped (threshold "
+                        f"{self.spikes.threshold()})", loss=loss, grad_norm=grad_norm,
+                    )  # fmt: skip
+                    if verdict == "rollback":
+                        self._rollback(metrics)
+                        result.rollbacks.append(step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - started
+                seq_len = batch.tokens.shape[1]
+                global_tokens = batch.tokens.numel() * self.dims.dp
+                tokens_per_s = global_tokens / elapsed
+                values = {
+                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                    "seq_len": float(seq_len), "batch_tokens": float(global_tokens),
+                    "skipped": float(verdict != "ok"),
+                }  # fmt: skip
+                if peak is not None:
+                    values["mfu"] = model_flops_utilization(
+                        tokens_per_s / self.world_size,
+                        flops_per_token(self.model_config, seq_len),
+                        peak,
+                    )
+                if step % config.logging.log_interval == 0 or step == config.steps - 1:
+                    values.update(memory_stats(self.device))
+                    metrics.log(step, values)
+                result.losses[step] = loss
+                self.step = step + 1
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                bar.update()
+                interval = config.checkpoint.interval
+                if interval and self.step % interval == 0 and self.step < config.steps:
+                    self.save()
+                    saved_at = self.step
+                if (
+                    config.anneal.steps
+                    and self.step > self.anneal_start
+                    and (
+                        (self.step - self.anneal_start) % config.anneal.checkpoint_interval == 0
+                        or self.step == config.steps
+                    )
+                ):
+                    self.save(keep=True)
+            if saved_at != self.step:
+                self.save()
+            self.checkpointer.wait()
+        if config.export:
+            result.exported = self.export()
+        return result
+
+    def export(self) -> Path | None:
+        """Write the final model (the Polyak average of the annealing checkpoints, if any, else
+        the last checkpoint) to ``<out_dir>/model`` in the Hugging Face layout (rank 0)."""
+        path = self.out_dir / "model"
+        if self.rank == 0:
+            keep = self.out_dir / "checkpoints" / "keep"
+            snapshots = sorted(keep.glob("step-*")) if keep.is_dir() else []
+            latest = self.checkpointer.latest()
+            sources = snapshots or ([latest] if latest is not None else [])
+            if not sources:
+                raise RuntimeError("nothing to export: no checkpoint was written")
+            state = average_checkpoints(sources)
+            with torch.device("meta"):
+                model = Llama(self.model_config)
+            model.load_state_dict(state, assign=True)
+            export_checkpoint(model, path, tokenizer=self._tokenizer())
+            log.info(
+                "exported %s (average of %d checkpoints) to %s",
+                sources[-1].name,
+                len(sources),
+                path,
+            )
+        dist.barrier()
+        return path
+
+    def _tokenizer(self) -> Tokenizer | None:
+        """The real Llama 3 tokenizer when the shards were written with it (checked by sha256)."""
+        info = TokenShards(self.config.data.sources[0].path).manifest.tokenizer
+        llama3 = Tokenizer.llama3()
+        return llama3 if info.sha256 == llama3.sha256 else None
+
+    def close(self) -> None:
+        """Release the process group if this trainer created it."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _local_for_norm(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of `grad` for a sum of squares: partial sums (a norm gain's gradient
+    under tensor parallelism) are reduced first, shards and replicas are taken as they are."""
+    if not isinstance(grad, DTensor):
+        return grad
+    if any(p.is_partial() for p in grad.placements):
+        grad = grad.redistribute(
+            placements=[Replicate() if p.is_partial() else p for p in grad.placements]
+        )
+    return grad.to_local()
+
+
+def _init_distributed(device_choice: str) -> tuple[torch.device, bool]:
+    """Join torchrun's process group (or make a one-process group); pick this rank's device."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but CUDA is not available; use device = 'cpu'")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        dist.init_process_group(backend)
+    else:  # one process: a private store, no ports
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    return device, True
