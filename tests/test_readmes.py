@@ -27,3 +27,26 @@ def test_readme_block_runs(
     """The block executes without error, in a scratch working directory."""
     monkeypatch.chdir(tmp_path)
     exec(compile(code, where, "exec"), {"__name__": "__readme__"})
+
+
+TOML_BLOCK = re.compile(r"```toml\n(.*?)```", re.DOTALL)
+
+
+def test_llama_train_readme_config_is_valid() -> None:
+    """The training config shown in llama-train's README validates as a TrainConfig, including
+    the parallel layout (checked against its model) and the pipeline split."""
+    import tomllib
+
+    from llama_train import TrainConfig
+    from llama_train.parallel import check_tensor_parallel_config
+    from llama_train.parallel.pipeline import check_layers_per_stage
+
+    text = (ROOT / "packages" / "llama-train" / "README.md").read_text(encoding="utf-8")
+    blocks = TOML_BLOCK.findall(text)
+    assert blocks, "llama-train's README has no TOML config"
+    config = TrainConfig.model_validate(tomllib.loads(blocks[0]))
+    model, parallel = config.model.llama_config(), config.parallel
+    check_tensor_parallel_config(model, parallel.tp)
+    check_layers_per_stage(
+        parallel.pp_layers_per_stage, model.n_layers, parallel.pp * parallel.pp_stages_per_rank
+    )

@@ -98,5 +98,6 @@ def test_llama_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         "[5/5] exported",
     ):
         assert stage in out, out
-    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "out" / "train" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "train" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "out" / "train" / "loss.png").is_file()

@@ -4,9 +4,10 @@
    source files with `ast` (nothing is imported or executed), one document per module.
 2. Curation with llama-data: PII scrubbing, Gopher quality rules, exact and MinHash deduplication.
 3. Token shards with the real Llama 3 tokenizer.
-4. Pretraining of the `debug` model (4 layers, width 256, the full vocabulary) with the recipe's
-   warmup + cosine schedule, packed documents and cross-document masking, with a progress bar.
-5. Export in the Hugging Face layout (loads in transformers and vLLM) and greedy generation.
+4. Pretraining of the `debug` model (4 layers, width 256, the full vocabulary) with the `Trainer`
+   (the recipe's warmup + cosine schedule, packed documents with cross-document masking, a
+   progress bar, metrics JSONL/TensorBoard/loss.png, a sharded checkpoint).
+5. Export in the Hugging Face layout (loads in transformers and vLLM), reload, greedy generation.
 Every stage prints what it did. `llama-demo --help` lists the options.
 """
 
@@ -30,14 +31,20 @@ from llama_data import (
     PiiScrubber,
     Pipeline,
     StepStats,
-    TokenShards,
     read_jsonl,
     write_token_shards,
 )
-from llama_model import Llama, LlamaConfig, Tokenizer, generate, save_checkpoint
-from llama_train.data import packed_batches
-from llama_train.loop import train
-from llama_train.schedules import LrSchedule
+from llama_model import Tokenizer, generate, load_checkpoint
+from llama_train.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SourceConfig,
+    TrainConfig,
+)
+from llama_train.trainer import Trainer
 
 __all__ = ["docstring_corpus", "main"]
 
@@ -105,31 +112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = write_token_shards(docs, tokenizer, out / "shards", overwrite=True)
     print(f"[3/5] shards: {manifest.num_documents} documents, {manifest.num_tokens:,} tokens")
 
-    config = LlamaConfig.from_preset("debug")
-    model = Llama(config)
-    model.init_weights(seed=args.seed)
     steps_available = manifest.num_tokens // ((args.seq_len + 1) * args.batch_size)
-    steps = max(1, min(args.steps, steps_available))
-    schedule = LrSchedule(
-        peak_lr=2e-3, warmup_steps=max(1, steps // 10), total_steps=steps + 1, final_lr=2e-4
+    steps = max(2, min(args.steps, steps_available))  # one pass over the curated tokens
+    config = TrainConfig(
+        model=ModelConfig(preset="debug"),
+        data=DataConfig(
+            sources=(SourceConfig(path=out / "shards", name="docstrings"),),
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        ),
+        optimizer=OptimizerConfig(peak_lr=2e-3, final_lr=2e-4, warmup_steps=max(1, steps // 10)),
+        checkpoint=CheckpointConfig(interval=0, keep_last=1, resume=False),
+        logging=LoggingConfig(progress=not args.no_progress),
+        steps=steps,
+        seed=args.seed,
+        out_dir=out / "train",
     )
-    shards = TokenShards(out / "shards")
-    batches = packed_batches(
-        shards, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed
-    )
-    history = train(model, batches, schedule=schedule, steps=steps, progress=not args.no_progress)
-    window = max(1, len(history) // 10)
-    first = sum(m.loss for m in history[:window]) / window
-    last = sum(m.loss for m in history[-window:]) / window
-    print(f"[4/5] pretraining: {len(history)} steps of {args.batch_size}x{args.seq_len} tokens, "
-          f"loss {first:.3f} -> {last:.3f} (mean of first/last {window})")  # fmt: skip
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m.__dict__) + "\n" for m in history))
+    trainer = Trainer(config)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    losses = [result.losses[k] for k in sorted(result.losses)]
+    window = max(1, len(losses) // 10)
+    first = sum(losses[:window]) / window
+    last = sum(losses[-window:]) / window
+    print(f"[4/5] pretraining: {len(losses)} steps of {args.batch_size}x{args.seq_len} tokens, "
+          f"loss {first:.3f} -> {last:.3f} (mean of first/last {window}); metrics, loss.png and "
+          f"checkpoints in {out / 'train'}")  # fmt: skip
 
-    save_checkpoint(model, out / "model", tokenizer=tokenizer)
+    assert result.exported is not None
+    model = load_checkpoint(result.exported)
     prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
     new = generate(model, prompt, max_new_tokens=24, stop_tokens=tokenizer.stop_tokens)
-    print(f"[5/5] exported to {out / 'model'}; generation: {args.prompt!r} -> "
-          f"{tokenizer.decode(new)!r}")  # fmt: skip
+    print(f"[5/5] exported to {result.exported} (Hugging Face layout); reloaded, generation: "
+          f"{args.prompt!r} -> {tokenizer.decode(new)!r}")  # fmt: skip
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
