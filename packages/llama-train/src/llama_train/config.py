@@ -87,6 +87,12 @@ class DataConfig(_Section):
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
             raise ValueError(f"data.sources names must be unique, got {labels}; set `name`")
+        both = {"batch_size", "seq_len"} & self.model_fields_set
+        if self.ramp is not None and both:
+            raise ValueError(
+                f"data.ramp sets the batch size and sequence length of every stage; remove "
+                f"data.{' and data.'.join(sorted(both))}"
+            )
         return self
 
     def batch_ramp(self) -> BatchRamp:
@@ -124,6 +130,13 @@ class AnnealConfig(_Section):
     steps: int = Field(default=0, ge=0)
     sources: tuple[SourceConfig, ...] = ()
     checkpoint_interval: PositiveInt = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        labels = [s.label for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"anneal.sources names must be unique, got {labels}; set `name`")
+        return self
 
 
 class ParallelConfig(_Section):
@@ -212,10 +225,11 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"anneal.steps ({self.anneal.steps}) must be smaller than steps ({self.steps})"
             )
-        if self.optimizer.warmup_steps >= self.steps:
+        if self.optimizer.warmup_steps >= self.steps - self.anneal.steps:
             raise ValueError(
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be smaller than "
-                f"steps ({self.steps})"
+                f"steps - anneal.steps ({self.steps} - {self.anneal.steps}): warmup and the "
+                "cosine decay come before annealing"
             )
         if self.optimizer.final_lr > self.optimizer.peak_lr:
             raise ValueError(
@@ -262,7 +276,7 @@ class TrainConfig(_Section):
         ramp = BatchRamp.llama3_405b()
         return cls(
             model=ModelConfig(preset="llama3.1-405b"),
-            data=DataConfig(sources=tuple(sources), ramp=ramp.stages, seq_len=8_192),
+            data=DataConfig(sources=tuple(sources), ramp=ramp.stages),
             optimizer=OptimizerConfig(peak_lr=8e-5, final_lr=8e-7, warmup_steps=8_000),
             steps=1_200_000,
             dtype="bfloat16",

@@ -364,6 +364,11 @@ class Trainer:
     def save(self, *, keep: bool = False) -> Path:
         return self.checkpointer.save(self.step, self._state(), self._train_state(), keep=keep)
 
+    def _save_logged(self, metrics: MetricsLogger, *, keep: bool = False) -> None:
+        path = self.save(keep=keep)
+        what = "annealing snapshot" if keep else "checkpoint"
+        metrics.event(self.step, "checkpoint_saved", f"{what} {path}", path=str(path))
+
     def fit(self) -> TrainResult:
         """Train from the resumed step to `config.steps`; save, average, export."""
         config = self.config
@@ -445,7 +450,7 @@ class Trainer:
                 bar.update()
                 interval = config.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < config.steps:
-                    self.save()
+                    self._save_logged(metrics)
                     saved_at = self.step
                 if (
                     config.anneal.steps
@@ -455,9 +460,9 @@ class Trainer:
                         or self.step == config.steps
                     )
                 ):
-                    self.save(keep=True)
+                    self._save_logged(metrics, keep=True)
             if saved_at != self.step:
-                self.save()
+                self._save_logged(metrics)
             self.checkpointer.wait()
         if config.export:
             result.exported = self.export()
