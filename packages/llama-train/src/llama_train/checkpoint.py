@@ -105,9 +105,8 @@ class TrainCheckpointer:
         self._pending: tuple[Future[Any], Path, Path] | None = None
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):  # a save that was killed half-way
-                log.warning("removing incomplete checkpoint %s", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+            for parent in (self.root, self.root / "keep"):
+                _recover(parent)
         self._barrier()
 
     # ---------------------------------------------------------------------------------------
@@ -207,6 +206,22 @@ class TrainCheckpointer:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier(group=self._group)
+
+
+def _recover(parent: Path) -> None:
+    """Undo what a killed save left in `parent`: a re-save killed between its two renames leaves
+    the old checkpoint as ``.tmp-old-step-N`` with no ``step-N``; it is renamed back. Every other
+    ``.tmp-*`` directory is an incomplete save and is removed."""
+    if not parent.is_dir():
+        return
+    for old in parent.glob(".tmp-old-step-*"):
+        final = parent / old.name.removeprefix(".tmp-old-")
+        if not final.exists() and (old / TRAIN_STATE).is_file():
+            log.warning("restoring checkpoint %s from an interrupted re-save", final)
+            os.replace(old, final)
+    for stale in parent.glob(".tmp-*"):
+        log.warning("removing incomplete checkpoint %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

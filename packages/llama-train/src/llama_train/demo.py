@@ -17,6 +17,7 @@ import argparse
 import ast
 import gzip
 import json
+import shutil
 import sysconfig
 import time
 from collections.abc import Iterator, Sequence
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         out_dir=out / "train",
     )
+    shutil.rmtree(out / "train", ignore_errors=True)  # the demo's own output of an earlier run
     trainer = Trainer(config)
     try:
         result = trainer.fit()

@@ -182,6 +182,8 @@ class Trainer:
             min_ratio=config.spikes.min_ratio,
             max_consecutive=config.spikes.max_consecutive,
         )
+        if not config.checkpoint.resume:
+            self._set_aside_earlier_checkpoints()
         self.checkpointer = TrainCheckpointer(
             self.out_dir / "checkpoints",
             keep_last=config.checkpoint.keep_last,
@@ -192,6 +194,21 @@ class Trainer:
         self.anneal_start = config.steps - config.anneal.steps
 
     # ------------------------------------------------------------------------------- setup
+    def _set_aside_earlier_checkpoints(self) -> None:
+        """A fresh run (resume off) in an out_dir holding an earlier run's checkpoints: move them
+        to ``checkpoints.previous-N`` (never deleted, never mixed with this run's)."""
+        root = self.out_dir / "checkpoints"
+        if self.rank == 0 and root.is_dir() and any(root.iterdir()):
+            index = 1
+            while root.with_name(f"checkpoints.previous-{index}").exists():
+                index += 1
+            aside = root.with_name(f"checkpoints.previous-{index}")
+            os.replace(root, aside)
+            log.warning(
+                "checkpoint.resume is off: moved the earlier run's checkpoints to %s", aside
+            )
+        dist.barrier()
+
     def _adamw(self, part: nn.Module) -> torch.optim.Optimizer:
         o = self.config.optimizer
         decay = [q for q in part.parameters() if q.dim() >= 2]  # matrices; not norm gains
@@ -349,6 +366,7 @@ class Trainer:
             yield loader.next_batch()
 
     def _rollback(self, metrics: MetricsLogger) -> None:
+        self.checkpointer.wait()  # an async save in flight is the newest checkpoint
         latest = self.checkpointer.latest()
         if latest is None:
             raise FloatingPointError(
