@@ -139,6 +139,7 @@ def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     return losses, _weights(out)
 
 
+@pytest.mark.slow  # SIGKILLed subprocesses: several CLI starts
 def test_sigkill_at_random_steps_resumes_exactly(
     shards: Path, reference: Reference, tmp_path: Path
 ) -> None:
@@ -166,6 +167,7 @@ def test_sigkill_at_random_steps_resumes_exactly(
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # SIGKILLed subprocesses: several CLI starts
 def test_save_killed_half_way_keeps_previous_checkpoint(
     shards: Path, reference: Reference, tmp_path: Path
 ) -> None:
@@ -200,6 +202,7 @@ def test_save_killed_half_way_keeps_previous_checkpoint(
     _assert_bit_identical(_weights(tmp_path), weights)
 
 
+@pytest.mark.slow  # SIGKILLed subprocesses: several CLI starts
 def test_resave_killed_between_renames_keeps_the_checkpoint(shards: Path, tmp_path: Path) -> None:
     """A re-save of an existing step (a run restarted after its final save) killed between its
     two renames still leaves that step's checkpoint loadable (keep_last=1: no older one)."""

@@ -54,6 +54,7 @@ def test_activation_checkpointing_is_exact(shards: Path, tmp_path: Path) -> None
         assert torch.equal(weights[key], value), key
 
 
+@pytest.mark.slow  # inductor compiles the blocks on CPU: about a minute
 # Warnings raised inside torch while it traces and compiles (not about our code): inductor's CPU
 # backend touches torch.jit, and dynamo reads `.grad` of the non-leaf activations it inspects.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
