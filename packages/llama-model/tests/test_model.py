@@ -154,6 +154,55 @@ def test_document_mask_equals_separate_documents() -> None:
         assert not torch.allclose(unmasked[:, 5:14], packed[:, 5:14], **TOL)
 
 
+def _flex_vs_dense(
+    model: Llama, monkeypatch: pytest.MonkeyPatch, *, backward: bool
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    tokens = torch.randint(
+        0, model.config.vocab_size, (2, 300), device=model.output_weight().device
+    )
+    doc_ids = torch.tensor([[0] * 7 + [1] * 200 + [2] * 93, [4] * 300], device=tokens.device)
+    results = []
+    for backend in ("sdpa", "flex"):
+        monkeypatch.setenv("LLAMA_ATTENTION", backend)
+        model.zero_grad()
+        with torch.set_grad_enabled(backward):
+            logits = model(tokens, positions=document_positions(doc_ids), document_ids=doc_ids)
+        if backward:
+            logits.square().mean().backward()  # type: ignore[no-untyped-call]
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logits.detach(), grads))
+    return results
+
+
+# On CPU FlexAttention runs its eager reference, which warns that it is unfused: expected here.
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile:UserWarning")
+def test_flex_attention_document_mask_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLAMA_ATTENTION=flex (the CUDA default for packed documents: a block-sparse mask of 128-token
+    blocks, here crossing block edges) gives the logits of the dense-mask SDPA path. FlexAttention
+    has no backward on CPU; the gradients are compared by the GPU test below."""
+    model = Llama(tiny_config(max_seq_len=512))
+    model.init_weights(seed=5, std=0.2)
+    (dense, _), (flex, _) = _flex_vs_dense(model, monkeypatch, backward=False)
+    torch.testing.assert_close(flex, dense, **TOL)
+    monkeypatch.setenv("LLAMA_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="LLAMA_ATTENTION must be auto, sdpa or flex, got 'fast'"):
+        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_attention_gradients_match_dense_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (compiled FlexAttention) logits and every gradient match the dense path (float32:
+    TF32 off; atol 1e-4 since the fused kernel sums in another order)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = Llama(tiny_config(max_seq_len=512)).cuda()
+    model.init_weights(seed=5, std=0.2)
+    (dense, dense_grads), (flex, flex_grads) = _flex_vs_dense(model, monkeypatch, backward=True)
+    torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
+    for flex_grad, dense_grad in zip(flex_grads, dense_grads, strict=True):
+        torch.testing.assert_close(flex_grad, dense_grad, atol=1e-4, rtol=1e-3)
+
+
 def test_explicit_attention_mask_and_kv_hook() -> None:
     """attention_mask equals the mask document_ids builds; kv_hook sees [B, kv_heads, T, head_dim]
     and what it returns is what attention uses (here: keys of a second, masked-out copy)."""

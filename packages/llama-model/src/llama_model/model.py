@@ -17,11 +17,15 @@ Hugging Face layout: Hugging Face checkpoints load as they are, and the rows of 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llama_kernels import apply_rope, rms_norm, rope_frequencies
 from llama_model.cache import KVCache
@@ -33,6 +37,7 @@ __all__ = [
     "Llama",
     "RMSNorm",
     "TransformerBlock",
+    "document_block_mask",
     "document_mask",
     "document_positions",
 ]
@@ -77,7 +82,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         inv_freq: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         is_causal: bool,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -93,6 +98,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, k, v)  # [B, n_kv_heads, cached + T, head_dim]
         if self.kv_hook is not None:
             k, v = self.kv_hook(k, v)
+        if isinstance(mask, BlockMask):  # packed documents on CUDA: block-sparse FlexAttention
+            out = _compiled_flex_attention()(
+                q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+            )
+            return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -132,7 +142,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         inv_freq: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         is_causal: bool,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -236,7 +246,8 @@ class Llama(nn.Module):
             positions = _check_positions(positions, batch, seq_len, self.config)
 
         # Attention pattern: plain causal where possible (fast SDPA paths), else an explicit mask.
-        mask, is_causal = None, seq_len > 1
+        mask: torch.Tensor | BlockMask | None = None
+        is_causal = seq_len > 1
         if attention_mask is not None:
             if document_ids is not None or cache is not None:
                 raise ValueError(
@@ -250,7 +261,10 @@ class Llama(nn.Module):
                     "document_ids (packed training sequences) cannot be combined with a KV cache; "
                     "decode one sequence per batch row instead"
                 )
-            mask, is_causal = document_mask(document_ids, batch, seq_len), False
+            if _use_flex(tokens.device):
+                mask, is_causal = document_block_mask(document_ids, batch, seq_len), False
+            else:
+                mask, is_causal = document_mask(document_ids, batch, seq_len), False
         elif start > 0 and seq_len > 1:  # chunked prefill: query i sees the cache and new keys <= i
             key_pos = torch.arange(start + seq_len, device=tokens.device)
             query_pos = torch.arange(start, start + seq_len, device=tokens.device)
@@ -310,6 +324,41 @@ def document_mask(document_ids: torch.Tensor, batch: int, seq_len: int) -> torch
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
     return (same_doc & causal)[:, None]  # [B, 1, T, T]: broadcast over heads
+
+
+def document_block_mask(document_ids: torch.Tensor, batch: int, seq_len: int) -> BlockMask:
+    """The same pattern as `document_mask` as a FlexAttention `BlockMask`: 128×128 blocks that no
+    query of a block may see are skipped, so packed short documents cost what they attend to, and
+    no dense [B, 1, T, T] mask is built (16 GiB at 128K tokens)."""
+    if document_ids.shape != (batch, seq_len):
+        raise ValueError(
+            f"document_ids must have the tokens' shape {(batch, seq_len)}, got {tuple(document_ids.shape)}"
+        )
+
+    def same_document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
+
+    return create_block_mask(
+        same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device
+    )
+
+
+def _use_flex(device: torch.device) -> bool:
+    """Packed documents use FlexAttention on CUDA (`LLAMA_ATTENTION=auto`, the default) or
+    everywhere (`flex`); `sdpa` always uses the dense mask with scaled_dot_product_attention."""
+    choice = os.environ.get("LLAMA_ATTENTION", "auto")
+    if choice not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"LLAMA_ATTENTION must be auto, sdpa or flex, got {choice!r}")
+    return choice == "flex" or (choice == "auto" and device.type == "cuda")
+
+
+@cache
+def _compiled_flex_attention() -> Callable[..., Any]:
+    """FlexAttention compiled once into a fused kernel (eager flex_attention is a slow reference);
+    inside an already compiled block the call is traced in place. On CPU the eager reference."""
+    if not torch.cuda.is_available():
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
