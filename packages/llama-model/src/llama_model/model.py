@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import torch
@@ -99,9 +98,7 @@ class Attention(nn.Module):
         if self.kv_hook is not None:
             k, v = self.kv_hook(k, v)
         if isinstance(mask, BlockMask):  # packed documents on CUDA: block-sparse FlexAttention
-            out = _compiled_flex_attention()(
-                q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
-            )
+            out = _flex_attention(q, k, v, mask)
             return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
         out = F.scaled_dot_product_attention(
             q,
@@ -352,13 +349,20 @@ def _use_flex(device: torch.device) -> bool:
     return choice == "flex" or (choice == "auto" and device.type == "cuda")
 
 
-@cache
-def _compiled_flex_attention() -> Callable[..., Any]:
-    """FlexAttention compiled once into a fused kernel (eager flex_attention is a slow reference);
-    inside an already compiled block the call is traced in place. On CPU the eager reference."""
-    if not torch.cuda.is_available():
-        return flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+_COMPILED_FLEX: list[Callable[..., Any]] = []
+
+
+def _flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
+) -> torch.Tensor:
+    """FlexAttention as a fused kernel: traced in place inside a compiled block, else through a
+    once-compiled wrapper on CUDA (eager flex_attention is an unfused reference, used on CPU)."""
+    gqa = k.shape[1] != q.shape[1]
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0](q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
