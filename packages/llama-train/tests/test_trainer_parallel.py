@@ -81,6 +81,7 @@ LAYOUTS_4 = {
     "fsdp_pp": "parallel.dp_shard=2;parallel.pp=2;parallel.pp_microbatches=2",
     "tp_cp": "parallel.tp=2;parallel.cp=2",
     "pp_tp": "parallel.pp=2;parallel.tp=2;parallel.pp_microbatches=2",
+    "pp_cp": "parallel.pp=2;parallel.cp=2;parallel.pp_microbatches=2",
     "pp_interleaved": 'parallel.pp=2;parallel.dp_shard=2;parallel.pp_schedule="Interleaved1F1B";'
     "parallel.pp_stages_per_rank=2;parallel.pp_microbatches=2",
 }

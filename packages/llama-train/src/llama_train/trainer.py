@@ -81,11 +81,6 @@ def parallelize(
     p = config.parallel
     parts: list[nn.Module]
     if dims.pp > 1:
-        if dims.cp > 1:
-            raise ValueError(
-                "context parallelism combined with pipeline parallelism is not supported; "
-                "use cp=1 or pp=1"
-            )
         parts = list(
             split_llama(
                 model,
@@ -302,7 +297,18 @@ class Trainer:
         count = count.clamp(min=1.0)
         if self.pipeline is not None:
             with self._autocast():
-                loss = self.pipeline.step(batch, num_targets=count, broadcast_loss=True)
+                if self.dims.cp > 1:
+                    shard = shard_batch(batch, self.dims.cp, self.mesh["cp"].get_local_rank())
+                    local = Batch(shard.tokens, shard.targets, shard.tokens)  # ids unused here
+                    loss = self.pipeline.step(
+                        local,
+                        num_targets=count,
+                        broadcast_loss=True,
+                        positions=shard.positions,
+                        attention_mask=shard.attention_mask,
+                    )
+                else:
+                    loss = self.pipeline.step(batch, num_targets=count, broadcast_loss=True)
             assert loss is not None
             loss = loss.detach().float()
         else:

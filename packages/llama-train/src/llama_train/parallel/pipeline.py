@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
@@ -215,11 +215,21 @@ class LlamaStage(nn.Module):
         # too: reuse it so that the frequencies (and their Llama 3.1 scaling) have one definition.
         return Llama.inv_freq(cast(Llama, self), device)
 
-    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # The full sequence length: under sequence parallelism x holds only T / tp positions.
         batch, seq_len = document_ids.shape if document_ids is not None else x.shape[:2]
         mask: torch.Tensor | None
-        if document_ids is not None:
+        if attention_mask is not None:  # context parallel: local queries × all keys, given
+            if positions is None:
+                raise ValueError("attention_mask needs the matching positions")
+            mask, is_causal = attention_mask, False
+        elif document_ids is not None:
             positions = document_positions(document_ids)  # [B, T]
             mask, is_causal = document_mask(document_ids, batch, seq_len), False  # [B, 1, T, T]
         else:
@@ -308,6 +318,8 @@ class Pipeline:
         *,
         num_targets: torch.Tensor | float | None = None,
         broadcast_loss: bool = False,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Run one pipelined forward and backward on `batch` (the same batch on every pipeline rank).
 
@@ -316,6 +328,10 @@ class Pipeline:
         extra broadcast). `num_targets` divides the summed cross-entropy; default: this batch's
         non-ignored targets. Under data parallelism, where FSDP averages gradients over the dp
         ranks, pass ``global non-ignored targets / dp`` to get the global per-token mean.
+
+        Under context parallelism `batch` holds this rank's tokens and targets and `positions`
+        [B, T_local] and `attention_mask` [B, 1, T_local, T] (`context_parallel.shard_batch`) take
+        the place of `batch.document_ids`; the stages' attention gathers the other keys.
 
         The micro-batch shapes are fixed by the first step (PyTorch infers the activations'
         shapes once); later batches must have the same size and sequence length.
@@ -331,6 +347,14 @@ class Pipeline:
             for t in (batch.tokens, batch.targets, batch.document_ids)
         )
         args = (tokens,) if self.has_first_stage else ()
+        extra: dict[str, Any] = {"document_ids": document_ids}
+        if attention_mask is not None:
+            if positions is None:
+                raise ValueError("attention_mask needs the matching positions")
+            extra = {
+                "positions": positions.to(self.device),
+                "attention_mask": attention_mask.to(self.device),
+            }
         loss: torch.Tensor | None = None
         if self.has_last_stage:
             if num_targets is None:
@@ -342,11 +366,11 @@ class Pipeline:
                 losses=losses,
                 return_outputs=False,
                 loss_kwargs={"num_targets": num_targets},
-                document_ids=document_ids,
+                **extra,
             )
             loss = torch.stack(losses).sum().detach()
         else:
-            self.schedule.step(*args, return_outputs=False, document_ids=document_ids)
+            self.schedule.step(*args, return_outputs=False, **extra)
         if broadcast_loss:
             if loss is None:
                 loss = torch.empty((), dtype=torch.float32, device=self.device)
