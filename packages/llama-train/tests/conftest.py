@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 WORKERS = Path(__file__).parent / "distributed"
+# The workers' shared helpers (`_common`: tiny configs, shards, overrides) serve the in-process
+# tests too: `import _common` works in every test module of this package.
+sys.path.insert(0, str(WORKERS))
 
 RunDistributed = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -14,11 +14,10 @@ import itertools
 import json
 import math
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 
+import _common  # tests/distributed/_common.py, on sys.path via conftest
 import numpy as np
 import pytest
 import torch
@@ -27,20 +26,9 @@ from llama_data import Document, TokenShards, write_token_shards
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource, packed_batches
 from llama_train.schedules import BatchRamp, BatchStage
 
-WORKERS = Path(__file__).parent / "distributed"
-
 # byte ranges of the letter sources: one byte per document, disjoint across sources
 Letters = dict[str, tuple[TokenShards, dict[int, int]]]  # name → (shards, {byte: length})
 LETTERS = {"a": range(33, 65), "b": range(65, 97), "c": range(97, 127)}
-
-
-def _common() -> ModuleType:
-    sys.path.insert(0, str(WORKERS))
-    try:
-        import _common as common
-    finally:
-        sys.path.remove(str(WORKERS))
-    return common
 
 
 def _write_letter_shards(path: Path, letters: Sequence[int], seed: int) -> dict[int, int]:
@@ -49,7 +37,7 @@ def _write_letter_shards(path: Path, letters: Sequence[int], seed: int) -> dict[
     lengths = {b: rng.randint(3, 10) for b in letters}
     docs = [Document(id=str(b), text=chr(b) * n) for b, n in lengths.items()]
     write_token_shards(
-        docs, _common().ByteTokenizer(), path, add_bos=False, add_eos=False, overwrite=True
+        docs, _common.ByteTokenizer(), path, add_bos=False, add_eos=False, overwrite=True
     )
     return lengths
 
@@ -69,7 +57,7 @@ def letters(tmp_path_factory: pytest.TempPathFactory) -> Letters:
 def text_shards(tmp_path_factory: pytest.TempPathFactory) -> TokenShards:
     """Pseudo-text documents of 3-30 words: documents span several windows."""
     path = tmp_path_factory.mktemp("text") / "web"
-    _common().write_tiny_shards(str(path), documents=40, seed=5)
+    _common.write_tiny_shards(str(path), documents=40, seed=5)
     return TokenShards(path)
 
 
@@ -186,9 +174,7 @@ def test_resume_when_a_source_is_exactly_used_up(tmp_path: Path) -> None:
     """A state saved just as a source's last window was taken resumes into the next epoch."""
     # 17 documents of 6 tokens = 102 tokens = 6 windows of 17: two steps of 3 rows use it up
     docs = [Document(id=str(b), text=chr(b) * 6) for b in range(40, 57)]
-    write_token_shards(
-        docs, _common().ByteTokenizer(), tmp_path / "s", add_bos=False, add_eos=False
-    )
+    write_token_shards(docs, _common.ByteTokenizer(), tmp_path / "s", add_bos=False, add_eos=False)
     shards = TokenShards(tmp_path / "s")
     ramp = _ramp((0, 3, 16))
 
@@ -420,7 +406,7 @@ def test_source_shorter_than_one_window_is_an_error(tmp_path: Path, letters: Let
     """A source with fewer than seq_len + 1 tokens is an error naming it and the length."""
     write_token_shards(
         [Document(id="0", text="tiny!")],
-        _common().ByteTokenizer(),
+        _common.ByteTokenizer(),
         tmp_path / "tiny",
         add_bos=False,
         add_eos=False,

@@ -23,9 +23,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import _common  # tests/distributed/_common.py, on sys.path via conftest
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,18 +48,9 @@ KILL_STEPS = sorted(random.Random(20261122).sample(range(1, STEPS), 2))
 SPIKE = 1.0e4  # an injected loss far above any threshold (the tiny model's loss is ~5)
 
 
-def _common() -> ModuleType:
-    sys.path.insert(0, str(WORKERS))
-    try:
-        import _common as common
-    finally:
-        sys.path.remove(str(WORKERS))
-    return common
-
-
 def _overrides(shards: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
     return [
-        *_common().trainer_overrides(str(shards), str(out), steps=steps),
+        *_common.trainer_overrides(str(shards), str(out), steps=steps),
         f"checkpoint.interval={INTERVAL}",
         'device="cpu"',
         *extra,
@@ -69,7 +60,7 @@ def _overrides(shards: Path, out: Path, *extra: str, steps: int = STEPS) -> list
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("reliability") / "shards"
-    _common().write_tiny_shards(str(path))
+    _common.write_tiny_shards(str(path))
     return path
 
 
@@ -472,7 +463,7 @@ def test_repeated_spikes_roll_back_to_the_last_checkpoint(
         for field in ("tokens", "targets", "document_ids"):
             got, want = getattr(rec.batches[step], field), getattr(clean.batches[step], field)
             assert torch.equal(got, want), f"step {step} trained on another batch"
-    model = Llama(_common().tiny_config())
+    model = Llama(_common.tiny_config())
     model.load_state_dict(rec.params[4])
     with torch.no_grad():
         expected = language_model_loss(model, rec.batches[8]).item()

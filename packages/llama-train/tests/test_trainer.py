@@ -3,39 +3,25 @@ should not; configuration mistakes fail with messages that say what to change.""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import _common  # tests/distributed/_common.py, on sys.path via conftest
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llama_train import TrainConfig, Trainer, TrainResult
 
-WORKERS = Path(__file__).parent / "distributed"
-
-
-def _common() -> ModuleType:
-    sys.path.insert(0, str(WORKERS))
-    try:
-        import _common as common
-    finally:
-        sys.path.remove(str(WORKERS))
-    return common
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("shards") / "tiny"
-    _common().write_tiny_shards(str(path))
+    _common.write_tiny_shards(str(path))
     return path
 
 
 def _run(shards: Path, out: Path, *overrides: str) -> tuple[TrainResult, dict[str, torch.Tensor]]:
-    config = TrainConfig.load(
-        None, [*_common().trainer_overrides(str(shards), str(out)), *overrides]
-    )
+    config = TrainConfig.load(None, [*_common.trainer_overrides(str(shards), str(out)), *overrides])
     trainer = Trainer(config)
     try:
         result = trainer.fit()
@@ -80,7 +66,7 @@ def test_bf16_compute_keeps_fp32_master_weights(shards: Path, tmp_path: Path) ->
 
 
 def test_configuration_mistakes_are_named(shards: Path, tmp_path: Path) -> None:
-    common = _common()
+    common = _common
     base = common.trainer_overrides(str(shards), str(tmp_path / "x"))
     with pytest.raises(ValueError, match=r"data.sources is empty"):
         Trainer(TrainConfig.load(None, [*base, "data.sources=[]"]))

@@ -11,26 +11,16 @@ learning rate changes the loss at 1e-3 or more and the weights at 1e-4).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import CompletedProcess
 
+import _common  # tests/distributed/_common.py, on sys.path via conftest
 import pytest
 import torch
 from safetensors.torch import load_file
 
 RunDistributed = Callable[..., CompletedProcess[str]]  # the conftest fixture's type
-WORKERS = Path(__file__).parent / "distributed"
-
-
-def _common():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(WORKERS))
-    try:
-        import _common as common
-    finally:
-        sys.path.remove(str(WORKERS))
-    return common
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def reference(
     from llama_train.config import TrainConfig
     from llama_train.trainer import Trainer
 
-    common = _common()
+    common = _common
     root = tmp_path_factory.mktemp("trainer")
     shards = root / "shards"
     common.write_tiny_shards(str(shards))
