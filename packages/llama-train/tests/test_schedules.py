@@ -282,3 +282,24 @@ def test_context_stage_rejects_zero_tokens() -> None:
     """A stage of 0 tokens is rejected, naming tokens."""
     with pytest.raises(ValidationError, match="tokens"):
         ContextStage(tokens=0, seq_len=8)
+
+
+def test_context_schedule_as_ramp_steps_the_length_at_each_stage() -> None:
+    """§3.4.2 through the trainer's batch ramp: the length steps up at each stage's first token,
+    counted after the pre-training tokens, with a constant batch of whole sequences."""
+    schedule = ContextSchedule.llama3()
+    batch = 16 * 393_216  # 393,216 = lcm of the six lengths (98,304 = 3 · 32,768)
+    ramp = schedule.as_ramp(batch, start_tokens=15_000_000_000_000)
+    share = 800_000_000_000 // 6
+    assert [s.seq_len for s in ramp.stages] == [8_192, 16_384, 32_768, 65_536, 98_304, 131_072]
+    assert [s.tokens_seen_threshold for s in ramp.stages] == [
+        0,
+        *(15_000_000_000_000 + k * share for k in range(1, 6)),
+    ]
+    assert ramp.at(15_000_000_000_000 + share - 1) == (batch, 8_192)
+    assert ramp.at(15_000_000_000_000 + share) == (batch, 16_384)
+    assert ramp.at(10**15) == (batch, 131_072)
+    with pytest.raises(
+        ValueError, match=r"batch_tokens \(100000\) is not a multiple of stages\[0\].*of 393216"
+    ):
+        schedule.as_ramp(100_000)

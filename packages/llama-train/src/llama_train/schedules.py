@@ -330,6 +330,35 @@ class ContextSchedule(BaseModel):
         """
         return cls.evenly(total_tokens, (8_192, 16_384, 32_768, 65_536, 98_304, 131_072))
 
+    def as_ramp(self, batch_tokens: int, *, start_tokens: int = 0) -> BatchRamp:
+        """The schedule as a `BatchRamp` the trainer runs (``data.ramp``): batches of
+        `batch_tokens` tokens whose sequence length steps up at each stage's first token,
+        counted from `start_tokens` (the tokens seen before long-context training, when the run
+        continues a pre-training run; those come at the first stage's length).
+
+        `batch_tokens` must hold whole sequences of every stage's length.
+        """
+        if start_tokens < 0:
+            raise ValueError(f"start_tokens must be >= 0, got {start_tokens}")
+        stages, seen = [], start_tokens
+        for index, stage in enumerate(self.stages):
+            if batch_tokens % stage.seq_len:
+                raise ValueError(
+                    f"batch_tokens ({batch_tokens}) is not a multiple of stages[{index}].seq_len "
+                    f"({stage.seq_len}); use a multiple of "
+                    f"{math.lcm(*(st.seq_len for st in self.stages))}"
+                )
+            threshold = 0 if index == 0 else seen
+            stages.append(
+                BatchStage(
+                    tokens_seen_threshold=threshold,
+                    batch_tokens=batch_tokens,
+                    seq_len=stage.seq_len,
+                )
+            )
+            seen += stage.tokens
+        return BatchRamp(stages=tuple(stages))
+
     @property
     def total_tokens(self) -> int:
         """Tokens over all stages."""
