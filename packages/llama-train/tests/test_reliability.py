@@ -13,6 +13,7 @@ kill steps are drawn from a seeded RNG, so the test is random over steps yet rep
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -498,3 +499,20 @@ def test_nan_loss_with_spike_handling_off_raises_naming_the_step(
     with pytest.raises(FloatingPointError, match="at step 3"):
         _fit(_spike_overrides(shards, tmp_path, "spikes.enabled=false"))
     assert max(rec.params) == 3  # stopped at the NaN step
+
+
+def test_non_finite_gradient_norm_is_skipped_like_a_nan_loss(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss whose gradients overflowed (infinite norm) is skipped, not applied; with
+    spike handling off it is an error naming the step."""
+    real = Trainer.clip_gradients
+
+    def overflow_at_step_4(self: Trainer) -> float:
+        norm = real(self)
+        return math.inf if self.step == 4 else norm
+
+    monkeypatch.setattr(Trainer, "clip_gradients", overflow_at_step_4)
+    assert _fit(_spike_overrides(shards, tmp_path / "on")).skipped == [4]
+    with pytest.raises(FloatingPointError, match=r"gradient norm inf at step 4"):
+        _fit(_spike_overrides(shards, tmp_path / "off", "spikes.enabled=false"))

@@ -432,10 +432,14 @@ class Trainer:
                 started = time.perf_counter()
                 loss = self.forward_backward(batch)
                 grad_norm = self.clip_gradients()
-                verdict = self.spikes.judge(loss) if config.spikes.enabled else "ok"
-                if verdict == "ok" and not math.isfinite(loss):
+                # A non-finite gradient norm (finite loss, overflowing backward) must not reach
+                # the weights either: it counts as a non-finite loss.
+                judged = loss if math.isfinite(grad_norm) else math.nan
+                verdict = self.spikes.judge(judged) if config.spikes.enabled else "ok"
+                if verdict == "ok" and not math.isfinite(judged):
                     raise FloatingPointError(
-                        f"loss is {loss} at step {step}; enable spikes to skip such steps"
+                        f"loss {loss}, gradient norm {grad_norm} at step {step}; enable spikes "
+                        "to skip such steps"
                     )
                 if verdict == "ok":
                     for optimizer in self.optimizers:
