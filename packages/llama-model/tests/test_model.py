@@ -241,7 +241,9 @@ def test_explicit_attention_mask_and_kv_hook() -> None:
             model(tokens, positions=positions, attention_mask=leaky), expected
         )
     with pytest.raises(ValueError, match="attention_mask must be a boolean"):
-        model(tokens, attention_mask=mask.float())
+        model(tokens, positions=positions, attention_mask=mask.float())
+    with pytest.raises(ValueError, match="attention_mask needs explicit positions"):
+        model(tokens, attention_mask=mask)
     with pytest.raises(ValueError, match="pass only one of"):
         model(tokens, attention_mask=mask, document_ids=doc_ids)
 

@@ -273,12 +273,24 @@ def test_warmup_must_end_before_annealing() -> None:
         TrainConfig.load(None, ["steps=100", "anneal.steps=50", "optimizer.warmup_steps=60"])
 
 
-def test_ramp_and_fixed_batch_shape_are_not_both_given() -> None:
-    """With a ramp, data.batch_size/seq_len would be silently ignored: giving both is an error."""
+def test_ramp_and_fixed_batch_shape_must_agree() -> None:
+    """With a ramp, data.batch_size/seq_len may only restate its first stage (else they would be
+    silently ignored): a disagreement is an error naming both."""
     ramp = "data.ramp=[{tokens_seen_threshold=0, batch_tokens=64, seq_len=16}]"
     TrainConfig.load(None, [ramp])
-    with pytest.raises(ValidationError, match=r"remove data\.seq_len"):
-        TrainConfig.load(None, [ramp, "data.seq_len=16"])
+    TrainConfig.load(None, [ramp, "data.seq_len=16", "data.batch_size=4"])
+    with pytest.raises(ValidationError, match=r"data.seq_len=32 disagree with data.ramp's first"):
+        TrainConfig.load(None, [ramp, "data.seq_len=32"])
+
+
+def test_pipeline_schedule_and_split_are_checked_at_load() -> None:
+    """Pipeline settings that cannot run fail when the config is read, not after the processes
+    and the model were built."""
+    with pytest.raises(ValidationError, match="1F1B"):
+        TrainConfig.load(None, ["parallel.pp=4", "parallel.pp_microbatches=2"])
+    with pytest.raises(ValidationError, match="sums to 3 but the model has n_layers=4"):
+        TrainConfig.load(None, ["parallel.pp=2", "parallel.pp_layers_per_stage=[1, 2]"])
+    TrainConfig.llama3_405b()  # the paper's layout validates
 
 
 def test_duplicate_anneal_source_names_are_rejected() -> None:

@@ -516,3 +516,25 @@ def test_non_finite_gradient_norm_is_skipped_like_a_nan_loss(
     assert _fit(_spike_overrides(shards, tmp_path / "on")).skipped == [4]
     with pytest.raises(FloatingPointError, match=r"gradient norm inf at step 4"):
         _fit(_spike_overrides(shards, tmp_path / "off", "spikes.enabled=false"))
+
+
+def test_a_lasting_loss_level_shift_stops_after_one_futile_rollback(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the loss jumps to a new level and stays there (not a spike), rolling back cannot help:
+    after the first rollback the next streak stops the run with an error that says so, instead
+    of skipping every step to the end and exporting a model that stopped learning."""
+    real = Trainer.forward_backward
+
+    def shifted(self: Trainer, batch: Batch) -> float:
+        loss = real(self, batch)
+        return loss * 2.0 if self.step >= 6 else loss
+
+    monkeypatch.setattr(Trainer, "forward_backward", shifted)
+    overrides = _spike_overrides(
+        shards, tmp_path, "checkpoint.interval=4", "spikes.max_consecutive=2"
+    )
+    with pytest.raises(FloatingPointError, match="stayed above the spike threshold after rolling"):
+        _fit(overrides)
+    kinds = [e["kind"] for e in _events(tmp_path)]
+    assert kinds == ["spike_skipped", "spike_skipped", "rollback", "spike_skipped", "spike_skipped"]

@@ -3,6 +3,7 @@ should not; configuration mistakes fail with messages that say what to change.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import _common  # tests/distributed/_common.py, on sys.path via conftest
@@ -83,3 +84,28 @@ def test_configuration_mistakes_are_named(shards: Path, tmp_path: Path) -> None:
         ValueError, match=r"world size 1 is not divisible by pp·dp_replicate·cp·tp = 2"
     ):
         Trainer(TrainConfig.load(None, [*base, "parallel.tp=2"]))
+
+
+def test_annealing_mix_continues_the_batch_ramp(shards: Path, tmp_path: Path) -> None:
+    """The annealing loader takes over at the ramp position the main loader reached (it does not
+    fall back to the first, short stage), and the exported model is the average of the snapshots."""
+    ramp = (
+        "data.ramp=[{tokens_seen_threshold=0, batch_tokens=64, seq_len=16}, "
+        "{tokens_seen_threshold=128, batch_tokens=64, seq_len=32}]"
+    )
+    _run(
+        shards,
+        tmp_path,
+        ramp,
+        "steps=5",
+        "anneal.steps=2",
+        "anneal.checkpoint_interval=1",
+        f'anneal.sources=[{{path="{shards}", name="hq"}}]',
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in records] == [16, 16, 32, 32, 32]  # steps 3-4 anneal
+    assert records[4]["lr"] == pytest.approx(0.5 * records[3]["lr"], rel=1e-6)  # linear to 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "keep").iterdir()) == [
+        "step-00000004",
+        "step-00000005",
+    ]

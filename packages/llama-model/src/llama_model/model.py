@@ -228,6 +228,7 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim]; `forward` is `logits(hidden_states(...))`."""
         batch, seq_len = _check_tokens(tokens, self.config)
+        explicit_positions = positions is not None
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.check_room(batch, seq_len)
@@ -250,6 +251,11 @@ class Llama(nn.Module):
                 raise ValueError(
                     "attention_mask replaces the mask built from document_ids and the cache's "
                     "causal mask; pass only one of attention_mask, document_ids, cache"
+                )
+            if not explicit_positions:
+                raise ValueError(
+                    "attention_mask needs explicit positions: its keys are not the tokens "
+                    "0..T-1 of this call (context parallelism holds chunks of a longer sequence)"
                 )
             mask, is_causal = _check_attention_mask(attention_mask, batch, seq_len), False
         elif document_ids is not None:
@@ -335,8 +341,16 @@ def document_block_mask(document_ids: torch.Tensor, batch: int, seq_len: int) ->
     def same_document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
         return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
 
+    # Compiled on CUDA so that the block structure is computed without materialising the dense
+    # [B, T, T] pattern (eager create_block_mask builds it: 16 GiB per row at 128K tokens).
     return create_block_mask(
-        same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device
+        same_document_causal,
+        batch,
+        None,
+        seq_len,
+        seq_len,
+        device=document_ids.device,
+        _compile=document_ids.is_cuda,
     )
 
 

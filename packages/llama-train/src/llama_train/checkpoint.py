@@ -200,7 +200,11 @@ class TrainCheckpointer:
             _fsync_dir(final.parent)
             if final.parent == self.root:
                 for old in self.steps()[: -self.keep_last]:
-                    shutil.rmtree(self.root / step_dir_name(old), ignore_errors=True)
+                    # Renamed first: a prune killed half-way leaves a .tmp-* (removed at the
+                    # next start), never a damaged step-N that looks complete.
+                    doomed = self.root / f".tmp-prune-{step_dir_name(old)}"
+                    os.replace(self.root / step_dir_name(old), doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
         self._barrier()
 
     def _barrier(self) -> None:

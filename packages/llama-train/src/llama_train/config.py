@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from llama_model import PRESETS, LlamaConfig
 from llama_train.parallel.mesh import ParallelDims
+from llama_train.parallel.pipeline import check_layers_per_stage, check_schedule
 from llama_train.schedules import BatchRamp, BatchStage, LrSchedule
 
 __all__ = [
@@ -87,12 +88,14 @@ class DataConfig(_Section):
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
             raise ValueError(f"data.sources names must be unique, got {labels}; set `name`")
-        both = {"batch_size", "seq_len"} & self.model_fields_set
-        if self.ramp is not None and both:
-            raise ValueError(
-                f"data.ramp sets the batch size and sequence length of every stage; remove "
-                f"data.{' and data.'.join(sorted(both))}"
-            )
+        if self.ramp is not None and {"batch_size", "seq_len"} & self.model_fields_set:
+            first = self.ramp[0]
+            if (first.seq_len, first.sequences_per_batch) != (self.seq_len, self.batch_size):
+                raise ValueError(
+                    f"data.batch_size={self.batch_size} and data.seq_len={self.seq_len} disagree "
+                    f"with data.ramp's first stage ({first.sequences_per_batch} sequences of "
+                    f"{first.seq_len}); the ramp decides: remove them or make them agree"
+                )
         return self
 
     def batch_ramp(self) -> BatchRamp:
@@ -236,6 +239,19 @@ class TrainConfig(_Section):
                 f"optimizer.final_lr ({self.optimizer.final_lr}) exceeds optimizer.peak_lr "
                 f"({self.optimizer.peak_lr})"
             )
+        p = self.parallel
+        if p.pp > 1:  # the schedule and the split are checkable before any process starts
+            check_schedule(
+                p.pp_schedule,
+                n_microbatches=p.pp_microbatches,
+                pp_size=p.pp,
+                stages_per_rank=p.pp_stages_per_rank,
+            )
+            check_layers_per_stage(
+                p.pp_layers_per_stage,
+                self.model.llama_config().n_layers,
+                p.pp * p.pp_stages_per_rank,
+            )
         max_seq = max(s.seq_len for s in self.data.batch_ramp().stages)
         limit = self.model.llama_config().max_seq_len
         if max_seq > limit:
@@ -281,7 +297,7 @@ class TrainConfig(_Section):
             steps=1_200_000,
             dtype="bfloat16",
             activation_checkpointing=True,
-            parallel=ParallelConfig(tp=8, cp=1, pp=16),
+            parallel=ParallelConfig(tp=8, cp=1, pp=16, pp_microbatches=16),
         )
 
 

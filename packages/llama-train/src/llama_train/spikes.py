@@ -42,6 +42,7 @@ class SpikeDetector:
         self.zscore, self.min_ratio, self.max_consecutive = zscore, min_ratio, max_consecutive
         self.history: deque[float] = deque(maxlen=window)
         self.consecutive = 0
+        self.regime: str | None = None  # what the history was measured on (data mix, length)
 
     def threshold(self) -> float | None:
         """Losses above this are spikes (None while the history is too short)."""
@@ -64,9 +65,19 @@ class SpikeDetector:
             return "rollback"
         return "skip"
 
+    def reset(self) -> None:
+        """Forget the history (the loss level moves on purpose: a new data mix or length)."""
+        self.history.clear()
+        self.consecutive = 0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive": self.consecutive}
+        return {
+            "history": list(self.history),
+            "consecutive": self.consecutive,
+            "regime": self.regime,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = deque((float(x) for x in state["history"]), maxlen=self.window)
         self.consecutive = int(state["consecutive"])
+        self.regime = state.get("regime")

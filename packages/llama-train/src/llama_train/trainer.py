@@ -148,10 +148,13 @@ class Trainer:
         self.model_config: LlamaConfig = config.model.llama_config()
         self.out_dir = Path(config.out_dir)
 
+        sources = self._sources(config.data.sources, "data.sources")  # fail before building
         with torch.device(self.device):
             model = Llama(self.model_config)
         model.init_weights(seed=config.seed)
         self.parts, self.pipeline = parallelize(model, self.mesh, self.dims, config, self.device)
+        self._pipeline_shape: tuple[int, ...] | None = None
+        self._rollbacks_since_accepted = 0
         self.optimizers = [self._adamw(part) for part in self.parts]
         self._fsdp = self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1
         # The float32 upcast of the [B, T, vocab] logits and the cross-entropy, fused by inductor
@@ -161,7 +164,6 @@ class Trainer:
         )
 
         dp_rank = self.mesh["dp"].get_local_rank()
-        sources = self._sources(config.data.sources, "data.sources")
         ramp = config.data.batch_ramp()
         self.loader = BatchLoader(
             sources, ramp, seed=config.data.seed, dp_rank=dp_rank, dp_size=self.dims.dp
@@ -195,8 +197,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- setup
     def _set_aside_earlier_checkpoints(self) -> None:
-        """A fresh run (resume off) in an out_dir holding an earlier run's checkpoints: move them
-        to ``checkpoints.previous-N`` (never deleted, never mixed with this run's)."""
+        """A fresh run (resume off) in an out_dir holding an earlier run's checkpoints: move them,
+        with its metrics, to ``checkpoints.previous-N`` (never deleted, never mixed with ours)."""
         root = self.out_dir / "checkpoints"
         if self.rank == 0 and root.is_dir() and any(root.iterdir()):
             index = 1
@@ -204,6 +206,9 @@ class Trainer:
                 index += 1
             aside = root.with_name(f"checkpoints.previous-{index}")
             os.replace(root, aside)
+            for name in ("metrics.jsonl", "events.jsonl", "loss.png", "tensorboard"):
+                if (self.out_dir / name).exists():  # the earlier run's record goes with them
+                    os.replace(self.out_dir / name, aside / name)
             log.warning(
                 "checkpoint.resume is off: moved the earlier run's checkpoints to %s", aside
             )
@@ -296,6 +301,16 @@ class Trainer:
             dist.all_reduce(count, group=self.mesh["dp"].get_group())
         count = count.clamp(min=1.0)
         if self.pipeline is not None:
+            shape = tuple(batch.tokens.shape)
+            if self._pipeline_shape not in (None, shape):  # a ramp stage changed rows or length:
+                self.pipeline = build_pipeline(  # PyTorch fixes the shapes at the first step
+                    self.parts,
+                    schedule=self.config.parallel.pp_schedule,
+                    n_microbatches=self.config.parallel.pp_microbatches,
+                    device=self.device,
+                    group=self.mesh["pp"].get_group(),
+                )
+            self._pipeline_shape = shape
             with self._autocast():
                 if self.dims.cp > 1:
                     shard = shard_batch(batch, self.dims.cp, self.mesh["cp"].get_local_rank())
@@ -353,7 +368,9 @@ class Trainer:
             if key is not None:  # add the squares of the other shards (not of replicas)
                 grad_mesh, placements = key
                 for dim, placement in enumerate(placements):
-                    if not placement.is_replicate():
+                    # Sharded (plain or strided) dims hold different pieces: add them up.
+                    # Replicated ones hold copies, and partial ones were reduced above.
+                    if not (placement.is_replicate() or placement.is_partial()):
                         dist.all_reduce(part, group=grad_mesh.get_group(dim))
             squared = squared + part
         norm = squared.sqrt()
@@ -369,8 +386,20 @@ class Trainer:
         while True:
             loader = self.loader
             if self.anneal_loader is not None and self.step >= self.anneal_start:
+                if self.anneal_loader.step == 0:  # the switch: the ramp goes on where it was
+                    self.anneal_loader.tokens_seen = self.loader.tokens_seen
                 loader = self.anneal_loader
-            yield loader.next_batch()
+            batch = loader.next_batch()
+            # A new mix (annealing) or sequence length moves the loss level on purpose: the
+            # spike statistic starts again rather than rejecting the new level as spikes. (The
+            # regime is part of the detector's checkpointed state, so a resumed run agrees.)
+            regime = (
+                f"{'anneal' if loader is self.anneal_loader else 'main'}/{batch.tokens.shape[1]}"
+            )
+            if self.spikes.regime not in (None, regime):
+                self.spikes.reset()
+            self.spikes.regime = regime
+            yield batch
 
     def _rollback(self, metrics: MetricsLogger) -> None:
         self.checkpointer.wait()  # an async save in flight is the newest checkpoint
@@ -381,6 +410,13 @@ class Trainer:
                 "and no checkpoint to roll back to; lower optimizer.peak_lr or save checkpoints "
                 "more often (checkpoint.interval)"
             )
+        if self._rollbacks_since_accepted >= 1:
+            raise FloatingPointError(
+                f"the loss stayed above the spike threshold after rolling back to {latest.name} "
+                f"(step {self.step}); the loss level itself changed: check the data and the "
+                "learning rate, or raise spikes.zscore / spikes.min_ratio"
+            )
+        self._rollbacks_since_accepted += 1
         self.checkpointer.load(latest, self._state())  # weights and optimizer; data moves on
         metrics.event(
             self.step, "rollback", f"rolled back weights to {latest.name}", checkpoint=str(latest)
@@ -444,6 +480,7 @@ class Trainer:
                 if verdict == "ok":
                     for optimizer in self.optimizers:
                         optimizer.step()
+                    self._rollbacks_since_accepted = 0
                 else:
                     result.skipped.append(step)
                     metrics.event(
@@ -477,10 +514,8 @@ class Trainer:
                 self.step = step + 1
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
                 bar.update()
-                interval = config.checkpoint.interval
-                if interval and self.step % interval == 0 and self.step < config.steps:
-                    self._save_logged(metrics)
-                    saved_at = self.step
+                # The annealing snapshot first: a kill between the two saves then resumes after
+                # a step whose snapshot exists.
                 if (
                     config.anneal.steps
                     and self.step > self.anneal_start
@@ -490,6 +525,17 @@ class Trainer:
                     )
                 ):
                     self._save_logged(metrics, keep=True)
+                interval = config.checkpoint.interval
+                # No save in the middle of a spike streak: a rollback must find weights from
+                # before it.
+                if (
+                    interval
+                    and self.step % interval == 0
+                    and self.step < config.steps
+                    and self.spikes.consecutive == 0
+                ):
+                    self._save_logged(metrics)
+                    saved_at = self.step
             if saved_at != self.step:
                 self._save_logged(metrics)
             self.checkpointer.wait()

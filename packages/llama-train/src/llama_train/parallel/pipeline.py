@@ -326,8 +326,9 @@ class Pipeline:
         Returns the batch's mean loss (detached, float32 scalar) on the rank running the last
         stage and None elsewhere, or on every pipeline rank with ``broadcast_loss=True`` (one
         extra broadcast). `num_targets` divides the summed cross-entropy; default: this batch's
-        non-ignored targets. Under data parallelism, where FSDP averages gradients over the dp
-        ranks, pass ``global non-ignored targets / dp`` to get the global per-token mean.
+        non-ignored targets. Under data parallelism pass the global batch's count and have FSDP
+        sum gradients (divide factor 1, as `llama_train.trainer.parallelize` sets); with FSDP's
+        default averaging pass ``global count / dp`` instead.
 
         Under context parallelism `batch` holds this rank's tokens and targets and `positions`
         [B, T_local] and `attention_mask` [B, 1, T_local, T] (`context_parallel.shard_batch`) take
