@@ -223,6 +223,7 @@ _FSDP_WORKER = textwrap.dedent(
         state = get_model_state_dict(model)
         assert all(isinstance(v, DTensor) for v in state.values())
         save({{"model": state, "train": {{"step": seed}}}}, checkpoint_id=sys.argv[1] + f"/{{seed}}")
+    dist.barrier()  # no rank tears its gloo connections down while the other still uses them
     dist.destroy_process_group()
     """
 )

@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config_as_toml_dict(config), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch.distributed as dist
+
     from llama_train.trainer import Trainer  # torch and friends only once the config is valid
 
     trainer = Trainer(config)
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = trainer.fit()
     finally:
         trainer.close()
+    if dist.is_initialized():  # under torchrun: leave together, then release the group
+        dist.barrier()
+        dist.destroy_process_group()
     if trainer.rank == 0:
         last = result.losses[max(result.losses)] if result.losses else float("nan")
         print(
