@@ -195,6 +195,7 @@ def test_flex_attention_document_mask_matches_dense(monkeypatch: pytest.MonkeyPa
 # and reads `.grad` of the non-leaf activations it inspects.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # dynamo
 def test_flex_attention_gradients_match_dense_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA (compiled FlexAttention) logits and every gradient match the dense path (float32:
     TF32 off; atol 1e-4 since the fused kernel sums in another order)."""

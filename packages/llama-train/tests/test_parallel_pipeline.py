@@ -9,7 +9,7 @@ from subprocess import CompletedProcess
 import pytest
 import torch
 
-from llama_model import Llama, LlamaConfig
+from llama_model import Llama, LlamaConfig, document_positions
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.loop import language_model_loss
 from llama_train.parallel.pipeline import (
@@ -216,3 +216,53 @@ def test_schedules_with_fsdp_data_parallel_match_one_process(
     cases = ["1F1B,1,2,even,1", "Interleaved1F1B,2,2,1-2-2-1,1", "GPipe,1,2,3-1,1"]
     out = run_distributed("check_pipeline.py", 4, "--pp", "2", *cases).stdout
     assert all(f"ok {case}:" in out for case in cases) and "OK pipeline" in out
+
+
+def _stage_chain_vs_model(device: str, monkeypatch: pytest.MonkeyPatch, *, backward: bool) -> None:
+    monkeypatch.setenv("LLAMA_ATTENTION", "flex")
+    # head_dim 16: the least compiled FlexAttention takes
+    model = tiny_model(tiny_config(4).model_copy(update={"dim": 64})).to(device)
+    batch = packed_batch(model.config)
+    tokens, ids = batch.tokens.to(device), batch.document_ids.to(device)
+    stages = split_llama(model, pp_rank=0, pp_size=1, stages_per_rank=2)
+    import llama_model.model as model_module
+
+    calls: list[int] = []
+    flex = model_module._flex_attention
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return flex(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_module, "_flex_attention", counted)
+    with torch.set_grad_enabled(backward):
+        expected = model(tokens, positions=document_positions(ids), document_ids=ids)
+        got = stages[1](stages[0](tokens, document_ids=ids), document_ids=ids)
+    assert len(calls) == 2 * model.config.n_layers  # the model's layers, then the stages' layers
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    if backward:
+        expected.square().mean().backward()  # type: ignore[no-untyped-call]
+        got.square().mean().backward()  # type: ignore[no-untyped-call]
+        for stage in stages:
+            for name, param in stage.named_parameters():
+                reference = model.get_parameter(name).grad
+                torch.testing.assert_close(param.grad, reference, atol=1e-4, rtol=1e-3, msg=name)
+
+
+# On CPU FlexAttention runs its eager reference, which warns that it is unfused: expected here.
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile:UserWarning")
+def test_stages_use_the_models_flex_document_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FlexAttention (the CUDA default) stages build the model's block mask and give its
+    logits (CPU: forward only, FlexAttention has no CPU backward)."""
+    _stage_chain_vs_model("cpu", monkeypatch, backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # dynamo
+def test_stages_use_the_models_flex_document_mask_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the stages' FlexAttention gives the model's logits and gradients."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _stage_chain_vs_model("cuda", monkeypatch, backward=True)

@@ -39,6 +39,7 @@ __all__ = [
     "document_block_mask",
     "document_mask",
     "document_positions",
+    "packed_document_mask",
 ]
 
 
@@ -264,10 +265,7 @@ class Llama(nn.Module):
                     "document_ids (packed training sequences) cannot be combined with a KV cache; "
                     "decode one sequence per batch row instead"
                 )
-            if _use_flex(tokens.device):
-                mask, is_causal = document_block_mask(document_ids, batch, seq_len), False
-            else:
-                mask, is_causal = document_mask(document_ids, batch, seq_len), False
+            mask, is_causal = packed_document_mask(document_ids, batch, seq_len), False
         elif start > 0 and seq_len > 1:  # chunked prefill: query i sees the cache and new keys <= i
             key_pos = torch.arange(start + seq_len, device=tokens.device)
             query_pos = torch.arange(start, start + seq_len, device=tokens.device)
@@ -343,15 +341,25 @@ def document_block_mask(document_ids: torch.Tensor, batch: int, seq_len: int) ->
 
     # Compiled on CUDA so that the block structure is computed without materialising the dense
     # [B, T, T] pattern (eager create_block_mask builds it: 16 GiB per row at 128K tokens).
-    return create_block_mask(
-        same_document_causal,
-        batch,
-        None,
-        seq_len,
-        seq_len,
-        device=document_ids.device,
-        _compile=document_ids.is_cuda,
-    )
+    build: Callable[..., BlockMask] = create_block_mask
+    if document_ids.is_cuda and not torch.compiler.is_compiling():
+        if not _COMPILED_BLOCK_MASK:
+            _COMPILED_BLOCK_MASK.append(torch.compile(create_block_mask))
+        build = _COMPILED_BLOCK_MASK[0]
+    return build(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
+
+
+_COMPILED_BLOCK_MASK: list[Callable[..., BlockMask]] = []
+
+
+def packed_document_mask(
+    document_ids: torch.Tensor, batch: int, seq_len: int
+) -> torch.Tensor | BlockMask:
+    """The causal same-document mask in the form attention runs fastest with on this device:
+    a FlexAttention `BlockMask` on CUDA, the dense boolean mask elsewhere (see `_use_flex`)."""
+    if _use_flex(document_ids.device):
+        return document_block_mask(document_ids, batch, seq_len)
+    return document_mask(document_ids, batch, seq_len)
 
 
 def _use_flex(device: torch.device) -> bool:

@@ -35,9 +35,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from llama_model import Llama
-from llama_model.model import RMSNorm, TransformerBlock, document_mask, document_positions
+from llama_model.model import (
+    RMSNorm,
+    TransformerBlock,
+    document_positions,
+    packed_document_mask,
+)
 from llama_train.data import IGNORE_INDEX, Batch
 
 if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes 1-2 s to import
@@ -224,14 +230,15 @@ class LlamaStage(nn.Module):
     ) -> torch.Tensor:
         # The full sequence length: under sequence parallelism x holds only T / tp positions.
         batch, seq_len = document_ids.shape if document_ids is not None else x.shape[:2]
-        mask: torch.Tensor | None
+        mask: torch.Tensor | BlockMask | None
         if attention_mask is not None:  # context parallel: local queries × all keys, given
             if positions is None:
                 raise ValueError("attention_mask needs the matching positions")
             mask, is_causal = attention_mask, False
         elif document_ids is not None:
             positions = document_positions(document_ids)  # [B, T]
-            mask, is_causal = document_mask(document_ids, batch, seq_len), False  # [B, 1, T, T]
+            # The model's own choice: a FlexAttention block mask on CUDA, dense [B, 1, T, T] else.
+            mask, is_causal = packed_document_mask(document_ids, batch, seq_len), False
         else:
             positions = torch.arange(seq_len, device=x.device)[None, :]  # [1, T]
             mask, is_causal = None, seq_len > 1
