@@ -61,7 +61,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 
 from bench_common import cpu_name
@@ -70,6 +69,7 @@ from llama_model import LlamaConfig, count_parameters, document_positions, flops
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
+from llama_train.loop import summed_cross_entropy
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
 
@@ -231,13 +231,6 @@ def flex_document_attention(document_ids: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         model_module.F = real  # type: ignore[attr-defined]
-
-
-def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in float32, as `Trainer.forward_backward` computes it."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 # Compiled, the upcast fuses into the log-softmax: no float32 copy of the [B·T, vocab] logits.

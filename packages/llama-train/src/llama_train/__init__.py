@@ -15,6 +15,7 @@ from llama_train.data import Batch, BatchLoader, DataSource, packed_batches
 from llama_train.loop import StepMetrics, train
 from llama_train.metrics import MetricsLogger, model_flops_utilization
 from llama_train.parallel import ParallelDims, ParallelMesh, build_mesh
+from llama_train.parallel.compose import parallelize
 from llama_train.scaling_laws import (
     PowerLaw,
     compute_optimal,
@@ -34,7 +35,7 @@ from llama_train.schedules import (
     torch_lr_lambda,
 )
 from llama_train.spikes import SpikeDetector
-from llama_train.trainer import Trainer, TrainResult, parallelize
+from llama_train.trainer import Trainer, TrainResult
 
 __all__ = [
     # the trainer

@@ -35,10 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from tqdm import tqdm
 
@@ -49,15 +46,16 @@ from llama_train.averaging import average_checkpoints
 from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
 from llama_train.config import SourceConfig, TrainConfig
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
+from llama_train.loop import summed_cross_entropy
 from llama_train.metrics import MetricsLogger, memory_stats, model_flops_utilization, peak_flops
-from llama_train.parallel.context_parallel import enable_context_parallel, shard_batch
-from llama_train.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
-from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
-from llama_train.parallel.tensor_parallel import apply_tensor_parallel
+from llama_train.parallel.compose import parallelize
+from llama_train.parallel.context_parallel import shard_batch
+from llama_train.parallel.mesh import build_mesh
+from llama_train.parallel.pipeline import build_pipeline
 from llama_train.schedules import annealed_lr
 from llama_train.spikes import SpikeDetector
 
-__all__ = ["TrainResult", "Trainer", "parallelize"]
+__all__ = ["TrainResult", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -71,65 +69,6 @@ class TrainResult:
     skipped: list[int] = field(default_factory=list)
     rollbacks: list[int] = field(default_factory=list)
     exported: Path | None = None
-
-
-def parallelize(
-    model: Llama, mesh: ParallelMesh, dims: ParallelDims, config: TrainConfig, device: torch.device
-) -> tuple[list[nn.Module], Pipeline | None]:
-    """Apply the configured parallelisms to `model` (identical on every rank); returns this rank's
-    model parts (one, or its pipeline stages) and the pipeline schedule when pp > 1."""
-    p = config.parallel
-    parts: list[nn.Module]
-    if dims.pp > 1:
-        parts = list(
-            split_llama(
-                model,
-                pp_rank=mesh["pp"].get_local_rank(),
-                pp_size=dims.pp,
-                stages_per_rank=p.pp_stages_per_rank,
-                layers_per_stage=p.pp_layers_per_stage,
-            )
-        )
-    else:
-        parts = [model]
-    fsdp_size = dims.dp_replicate * dims.dp_shard * dims.cp
-    bf16 = config.dtype == "bfloat16"
-    for part in parts:
-        if dims.tp > 1:
-            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)  # type: ignore[arg-type]
-        if dims.cp > 1:
-            enable_context_parallel(part, mesh["cp"])
-        layers: nn.Module = part.layers  # type: ignore[assignment]
-        for name, block in list(layers.named_children()):
-            if config.activation_checkpointing:
-                block = checkpoint_wrapper(block)
-            if config.compile:
-                block.compile()
-            layers.register_module(name, block)
-        if fsdp_size > 1:
-            fsdp_mesh = mesh["fsdp"]
-            policy = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
-            )
-            for block in layers.children():
-                fully_shard(block, mesh=fsdp_mesh, mp_policy=policy)
-            fully_shard(part, mesh=fsdp_mesh, mp_policy=policy)
-            # Each rank's loss is already divided by the global target count: sum, not average
-            # (plain SUM collectives: gloo has no PREMUL_SUM).
-            for module in part.modules():
-                if isinstance(module, FSDPModule):
-                    module.set_gradient_divide_factor(1.0)
-                    module.set_force_sum_reduction_for_comms(True)
-    pipeline = None
-    if dims.pp > 1:
-        pipeline = build_pipeline(
-            parts,
-            schedule=p.pp_schedule,
-            n_microbatches=p.pp_microbatches,
-            device=device,
-            group=mesh["pp"].get_group(),
-        )
-    return parts, pipeline
 
 
 class Trainer:
@@ -160,7 +99,7 @@ class Trainer:
         # The float32 upcast of the [B, T, vocab] logits and the cross-entropy, fused by inductor
         # when compiling (the largest activation of a small model: +2-3% MFU on an H100).
         self._cross_entropy = (
-            torch.compile(cross_entropy_sum) if config.compile else cross_entropy_sum
+            torch.compile(summed_cross_entropy) if config.compile else summed_cross_entropy
         )
 
         dp_rank = self.mesh["dp"].get_local_rank()
@@ -578,13 +517,6 @@ class Trainer:
         """Release the process group if this trainer created it."""
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed float32 next-token cross-entropy over the non-ignored targets."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 def _local_for_norm(grad: torch.Tensor) -> torch.Tensor:

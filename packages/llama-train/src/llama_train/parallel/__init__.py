@@ -1,7 +1,7 @@
 """Parallelism for Llama training on one `DeviceMesh`: FSDP2, tensor, pipeline and context parallel.
 
 The building blocks live in their modules (`tensor_parallel`, `context_parallel`, `pipeline`);
-`llama_train.trainer.parallelize` composes them in torchtitan's order.
+`llama_train.parallel.compose.parallelize` composes them in torchtitan's order.
 """
 
 from llama_train.parallel.context_parallel import (

@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol  # private, but torch's own
 from torch.distributed.device_mesh import DeviceMesh
@@ -45,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from llama_model import Llama, document_positions
 from llama_model.model import Attention
 from llama_train.data import IGNORE_INDEX, Batch
+from llama_train.loop import summed_cross_entropy
 
 __all__ = [
     "ContextParallelShard",
@@ -159,12 +159,7 @@ def context_parallel_loss(model: Llama, shard: ContextParallelShard) -> torch.Te
     logits = model(
         shard.tokens, positions=shard.positions, attention_mask=shard.attention_mask
     )  # [B, T_local, vocab]
-    total = F.cross_entropy(
-        logits.float().flatten(0, 1),
-        shard.targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    total = summed_cross_entropy(logits, shard.targets)
     return total / shard.num_targets.clamp(min=1)
 
 

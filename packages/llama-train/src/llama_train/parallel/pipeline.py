@@ -45,6 +45,7 @@ from llama_model.model import (
     packed_document_mask,
 )
 from llama_train.data import IGNORE_INDEX, Batch
+from llama_train.loop import summed_cross_entropy
 
 if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes 1-2 s to import
     from torch.distributed.pipelining import PipelineStage
@@ -293,13 +294,7 @@ def pipeline_loss(
 ) -> torch.Tensor:
     """One micro-batch's share of the batch's mean cross-entropy: the sum over its non-ignored
     targets divided by `num_targets`, the non-ignored targets of the whole batch (float32)."""
-    summed = F.cross_entropy(
-        logits.float().flatten(0, 1),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return summed / num_targets
+    return summed_cross_entropy(logits, targets) / num_targets
 
 
 @dataclass
@@ -334,7 +329,7 @@ class Pipeline:
         stage and None elsewhere, or on every pipeline rank with ``broadcast_loss=True`` (one
         extra broadcast). `num_targets` divides the summed cross-entropy; default: this batch's
         non-ignored targets. Under data parallelism pass the global batch's count and have FSDP
-        sum gradients (divide factor 1, as `llama_train.trainer.parallelize` sets); with FSDP's
+        sum gradients (divide factor 1, as `llama_train.parallel.compose.parallelize` sets); with FSDP's
         default averaging pass ``global count / dp`` instead.
 
         Under context parallelism `batch` holds this rank's tokens and targets and `positions`

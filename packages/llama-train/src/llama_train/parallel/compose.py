@@ -1,0 +1,83 @@
+"""Composing the parallelisms on one mesh, in torchtitan's order: pipeline split → tensor (+
+sequence) parallel → context parallel → activation checkpointing → `torch.compile` per block →
+FSDP2 over the ``dp_shard × cp`` ranks (HSDP when ``dp_replicate > 1``).
+
+Every rank passes the same fully initialised `Llama`, so any layout starts from exactly the
+single-process weights. FSDP sums gradients (divide factor 1): each rank's loss is already its
+share of the global batch's mean.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from llama_model import Llama
+from llama_train.config import TrainConfig
+from llama_train.parallel.context_parallel import enable_context_parallel
+from llama_train.parallel.mesh import ParallelDims, ParallelMesh
+from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
+from llama_train.parallel.tensor_parallel import apply_tensor_parallel
+
+__all__ = ["parallelize"]
+
+
+def parallelize(
+    model: Llama, mesh: ParallelMesh, dims: ParallelDims, config: TrainConfig, device: torch.device
+) -> tuple[list[nn.Module], Pipeline | None]:
+    """Apply the configured parallelisms to `model` (identical on every rank); returns this rank's
+    model parts (one, or its pipeline stages) and the pipeline schedule when pp > 1."""
+    p = config.parallel
+    parts: list[nn.Module]
+    if dims.pp > 1:
+        parts = list(
+            split_llama(
+                model,
+                pp_rank=mesh["pp"].get_local_rank(),
+                pp_size=dims.pp,
+                stages_per_rank=p.pp_stages_per_rank,
+                layers_per_stage=p.pp_layers_per_stage,
+            )
+        )
+    else:
+        parts = [model]
+    fsdp_size = dims.dp_replicate * dims.dp_shard * dims.cp
+    bf16 = config.dtype == "bfloat16"
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)  # type: ignore[arg-type]
+        if dims.cp > 1:
+            enable_context_parallel(part, mesh["cp"])
+        layers: nn.Module = part.layers  # type: ignore[assignment]
+        for name, block in list(layers.named_children()):
+            if config.activation_checkpointing:
+                block = checkpoint_wrapper(block)
+            if config.compile:
+                block.compile()
+            layers.register_module(name, block)
+        if fsdp_size > 1:
+            fsdp_mesh = mesh["fsdp"]
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+            )
+            for block in layers.children():
+                fully_shard(block, mesh=fsdp_mesh, mp_policy=policy)
+            fully_shard(part, mesh=fsdp_mesh, mp_policy=policy)
+            # Each rank's loss is already divided by the global target count: sum, not average
+            # (plain SUM collectives: gloo has no PREMUL_SUM).
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_gradient_divide_factor(1.0)
+                    module.set_force_sum_reduction_for_comms(True)
+    pipeline = None
+    if dims.pp > 1:
+        pipeline = build_pipeline(
+            parts,
+            schedule=p.pp_schedule,
+            n_microbatches=p.pp_microbatches,
+            device=device,
+            group=mesh["pp"].get_group(),
+        )
+    return parts, pipeline
