@@ -384,3 +384,46 @@ def test_sample_sequences_resume_at_window_k(tmp_path: Path) -> None:
         assert [t.tolist() for t, _ in resumed] == [t.tolist() for t, _ in full[k:]]
     with pytest.raises(ValueError, match="start must be >= 0"):
         next(shards.sample_sequences(5, seed=3, start=-1))
+
+
+def test_window_stream_skips_without_reading(tmp_path: Path) -> None:
+    """`skip(n)` then reading gives exactly the windows a full pass has at those places, in any
+    interleaving; skipping past the end reports the whole windows there were; skipped windows'
+    tokens are never read (only document lengths, from the offsets)."""
+    texts = ["abcdefg", "hi", "jklmnopqrstu", "v", "wxyz0123", "456789"]
+    write_token_shards([Document(id=str(i), text=t) for i, t in enumerate(texts)],
+                       ByteTokenizer(), tmp_path / "ds", shard_tokens=12)  # fmt: skip
+    shards = TokenShards(tmp_path / "ds")
+    full = [(t.tolist(), d.tolist()) for t, d in shards.sample_sequences(4, seed=1)]
+    assert len(full) >= 8
+    for pattern in ([1, 0, 2, 1, 0], [0, 3, 0, 0, 1], [2, 2, 2]):
+        stream = shards.sample_sequences(4, seed=1)
+        position, got, want = 0, [], []
+        for n in pattern:  # skip n windows, then read one
+            assert stream.skip(n) == n
+            position += n
+            tokens, ids = next(stream)
+            got.append((tokens.tolist(), ids.tolist()))
+            want.append(full[position])
+            position += 1
+        assert got == want
+    stream = shards.sample_sequences(4, seed=1, start=2)
+    assert stream.skip(100) == len(full) - 2  # the stream then ends
+    assert next(stream, None) is None
+    with pytest.raises(ValueError, match="cannot skip -1"):
+        shards.sample_sequences(4, seed=1).skip(-1)
+
+    read: list[int] = []
+    document = shards.document
+
+    def recording(i: int) -> object:
+        read.append(i)
+        return document(i)
+
+    shards.document = recording  # type: ignore[method-assign]
+    stream = shards.sample_sequences(4, seed=1)
+    stream.skip(len(full) - 1)
+    assert read == []  # lengths only
+    next(stream)
+    assert 0 < len(read) <= 4  # the last window's documents (at most one per token)
+    assert all(shards.document_length(i) == len(document(i)) for i in range(len(texts)))

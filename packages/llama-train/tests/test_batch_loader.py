@@ -131,6 +131,34 @@ def test_dp_ranks_concatenate_to_the_global_batch(
 # ---------------------------------------------------------------- resume
 
 
+def test_each_rank_reads_only_its_own_windows(
+    letters: Letters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data-parallel rank passes over the other ranks' windows by their lengths: the windows it
+    reads are exactly its rows (across epochs: the letter sources run out within these steps)."""
+    from llama_data import WindowStream
+
+    reads = 0
+    original = WindowStream.__next__
+
+    def counting(self: WindowStream) -> tuple[object, object]:
+        nonlocal reads
+        window = original(self)  # StopIteration at an epoch's end is not a read
+        reads += 1
+        return window
+
+    monkeypatch.setattr(WindowStream, "__next__", counting)
+    ramp = _ramp((0, 8, 16), (600, 16, 24))
+    for rank in range(4):
+        reads = 0
+        loader = BatchLoader(
+            _sources(letters, {"a": 1.0, "b": 2.0}), ramp, seed=3, dp_rank=rank, dp_size=4
+        )
+        rows = sum(loader.next_batch().tokens.shape[0] for _ in range(40))
+        assert reads == rows, rank
+        assert max(loader.state_dict()["epoch"].values()) > 0  # epochs were crossed
+
+
 @pytest.mark.parametrize(("dp_rank", "dp_size"), [(0, 1), (1, 2)])
 def test_resume_at_every_step_continues_exactly(
     letters: Letters, text_shards: TokenShards, dp_rank: int, dp_size: int

@@ -20,7 +20,7 @@ from llama_data.quality import FastTextClassifier, QualityFilter
 from llama_data.quality_rules import GopherQualityFilter, GopherRepetitionFilter
 from llama_data.readers import read_documents, read_jsonl, read_parquet, write_jsonl
 from llama_data.shards import Manifest, write_token_shards
-from llama_data.token_shards import TokenShards
+from llama_data.token_shards import TokenShards, WindowStream
 from llama_data.warc import read_warc
 
 __all__ = [
@@ -69,5 +69,6 @@ __all__ = [
     "Pipeline",
     "PipelineReport",
     "TokenShards",
+    "WindowStream",
     "write_token_shards",
 ]

@@ -24,7 +24,7 @@ from llama_data.shards import (
     ShardInfo,
 )
 
-__all__ = ["TokenShards"]
+__all__ = ["TokenShards", "WindowStream"]
 
 
 class TokenShards:
@@ -106,17 +106,27 @@ class TokenShards:
             raise IndexError(f"shard index {j} out of range for {self.num_shards} shards")
         return self._offsets[j]
 
-    def document(self, i: int) -> npt.NDArray[np.uint32]:
-        """The tokens of document `i` (negative counts from the end), a read-only view."""
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, index within the shard) of document `i` (negative counts from the end)."""
         i = operator.index(i)
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"document index {i} out of range for {n} documents")
         i %= n
         j = int(np.searchsorted(self._first_document, i, side="right")) - 1
-        local = i - int(self._first_document[j])
+        return j, i - int(self._first_document[j])
+
+    def document(self, i: int) -> npt.NDArray[np.uint32]:
+        """The tokens of document `i` (negative counts from the end), a read-only view."""
+        j, local = self._locate(i)
         offsets = self._offsets[j]
         return self.shard(j)[int(offsets[local]) : int(offsets[local + 1])]
+
+    def document_length(self, i: int) -> int:
+        """The number of tokens of document `i`, from the offsets alone (no token read)."""
+        j, local = self._locate(i)
+        offsets = self._offsets[j]
+        return int(offsets[local + 1]) - int(offsets[local])
 
     def __getitem__(self, i: int) -> npt.NDArray[np.uint32]:
         """Same as `document`."""
@@ -147,7 +157,7 @@ class TokenShards:
 
     def sample_sequences(
         self, seq_len: int, *, seed: int, shuffle: bool = True, start: int = 0
-    ) -> Iterator[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]]:
+    ) -> WindowStream:
         """Pack documents into windows of `seq_len` tokens, with each token's document index.
 
         Documents are taken in a random order drawn from `seed` (or in order if not `shuffle`)
@@ -160,7 +170,8 @@ class TokenShards:
         `start` skips the first `start` windows without reading their tokens (only document
         lengths), so a resumed training run continues with exactly the window it would have
         seen next: `sample_sequences(..., start=k)` yields what the k-th and later windows of
-        `sample_sequences(...)` are.
+        `sample_sequences(...)` are. The returned `WindowStream` can also `skip` windows later
+        (a data-parallel rank passes over the other ranks' rows without reading them).
         """
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -168,24 +179,72 @@ class TokenShards:
             raise ValueError(f"start must be >= 0 (a window index), got {start}")
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        skip = start * seq_len  # tokens of the stream that earlier windows consumed
-        tokens = np.empty(seq_len, dtype=np.uint32)
-        document_ids = np.empty(seq_len, dtype=np.int64)
-        filled = 0
-        for doc_index in order:  # numpy ints: no Python list of every document index
-            doc = self.document(int(doc_index))  # a memmap view: its size costs no token read
-            if skip >= doc.size:
-                skip -= doc.size
+        stream = WindowStream(self, seq_len, order)
+        stream.skip(start)
+        return stream
+
+
+class WindowStream(Iterator[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]]):
+    """The windows of `TokenShards.sample_sequences`: an iterator of ``(tokens, document_ids)``
+    that can also `skip` windows, reading only document lengths for them."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, order: npt.NDArray[np.int64]) -> None:
+        self._shards = shards
+        self.seq_len = seq_len
+        self._order = order  # document indices in stream order (numpy: no Python list of them)
+        self._next = 0  # position in `_order` of the next document to open
+        self._doc_index = -1  # the open document, its length and the tokens already passed
+        self._doc_size = 0
+        self._position = 0
+        self._tokens: npt.NDArray[np.uint32] | None = None  # its memmap view, once read from
+
+    def _open_next(self) -> bool:
+        """Open the next document in the order (its length only); False at the end."""
+        if self._next >= len(self._order):
+            return False
+        self._doc_index = int(self._order[self._next])
+        self._doc_size = self._shards.document_length(self._doc_index)
+        self._tokens = None
+        self._next += 1
+        self._position = 0
+        return True
+
+    def skip(self, windows: int) -> int:
+        """Pass over the next `windows` windows without reading their tokens; returns how many
+        whole windows there were (fewer than asked at the end of the stream, which then ends)."""
+        if windows < 0:
+            raise ValueError(f"cannot skip {windows} windows")
+        skipped = 0
+        remaining = self.seq_len  # tokens of the current window still to pass
+        while skipped < windows:
+            left = self._doc_size - self._position
+            if left == 0:
+                if not self._open_next():
+                    return skipped
                 continue
-            position, skip = skip, 0
-            while position < doc.size:
-                take = min(seq_len - filled, doc.size - position)
-                tokens[filled : filled + take] = doc[position : position + take]
-                document_ids[filled : filled + take] = doc_index
-                filled += take
-                position += take
-                if filled == seq_len:
-                    yield tokens, document_ids
-                    tokens = np.empty(seq_len, dtype=np.uint32)
-                    document_ids = np.empty(seq_len, dtype=np.int64)
-                    filled = 0
+            step = min(left, remaining)
+            self._position += step
+            remaining -= step
+            if remaining == 0:
+                skipped += 1
+                remaining = self.seq_len
+        return skipped
+
+    def __next__(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]:
+        tokens = np.empty(self.seq_len, dtype=np.uint32)
+        document_ids = np.empty(self.seq_len, dtype=np.int64)
+        filled = 0
+        while filled < self.seq_len:
+            left = self._doc_size - self._position
+            if left == 0:
+                if not self._open_next():
+                    raise StopIteration  # the final partial window is dropped
+                continue
+            if self._tokens is None:
+                self._tokens = self._shards.document(self._doc_index)  # a memmap view
+            take = min(self.seq_len - filled, left)
+            tokens[filled : filled + take] = self._tokens[self._position : self._position + take]
+            document_ids[filled : filled + take] = self._doc_index
+            filled += take
+            self._position += take
+        return tokens, document_ids

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_data import TokenShards
+from llama_data import TokenShards, WindowStream
 from llama_train.schedules import BatchRamp
 
 __all__ = ["IGNORE_INDEX", "Batch", "BatchLoader", "DataSource", "packed_batches"]
@@ -76,7 +76,8 @@ class BatchLoader:
     come from `ramp` given the tokens seen so far, the number of rows from each source is drawn
     from `seed` and s (a multinomial over the sources' weights), and each source's rows are its
     next windows in a seeded order (`TokenShards.sample_sequences`). Data-parallel rank r takes
-    rows [r·n/dp, (r+1)·n/dp) of the n. A source that runs out starts a new epoch in a new order.
+    rows [r·n/dp, (r+1)·n/dp) of the n and reads only those: the other ranks' windows are skipped
+    by their lengths. A source that runs out starts a new epoch in a new order.
     When the sequence length changes, each source restarts its stream at the new length.
 
     `state_dict()` is a few integers; `load_state_dict` continues with exactly the batch that
@@ -119,7 +120,7 @@ class BatchLoader:
         self._seq_len = 0  # sequence length of the open streams (0: none open)
         self._consumed = {s.name: 0 for s in sources}  # windows taken in the current epoch
         self._epoch = {s.name: 0 for s in sources}
-        self._streams: dict[str, Iterator[tuple[np.ndarray, np.ndarray]]] = {}
+        self._streams: dict[str, WindowStream] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """What `load_state_dict` needs to continue exactly here (plain ints and strings)."""
@@ -148,29 +149,39 @@ class BatchLoader:
     def _stream_seed(self, index: int, seq_len: int, epoch: int) -> int:
         return int(np.random.SeedSequence([self.seed, index, seq_len, epoch]).generate_state(1)[0])
 
-    def _window(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _take(self, index: int, count: int, *, read: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The next `count` windows of source `index` (an empty list with ``read=False``: they
+        are passed over without reading their tokens), starting new epochs as sources run out."""
         source = self.sources[index]
         name = source.name
-        for _ in range(2):  # at most one epoch change per window
+        windows: list[tuple[np.ndarray, np.ndarray]] = []
+        while count:
             if name not in self._streams:
                 self._streams[name] = source.shards.sample_sequences(
                     self._seq_len + 1,
                     seed=self._stream_seed(index, self._seq_len, self._epoch[name]),
                     start=self._consumed[name],
                 )
-            window = next(self._streams[name], None)
-            if window is not None:
-                self._consumed[name] += 1
-                return window
-            if self._consumed[name] == 0:
-                raise ValueError(
-                    f"data source {name!r} has fewer than {self._seq_len + 1} tokens: "
-                    "no window of that length"
-                )
-            self._epoch[name] += 1
-            self._consumed[name] = 0
-            del self._streams[name]
-        raise AssertionError("unreachable")
+            stream = self._streams[name]
+            if read:
+                window = next(stream, None)
+                got = 0 if window is None else 1
+                if window is not None:
+                    windows.append(window)
+            else:
+                got = stream.skip(count)
+            self._consumed[name] += got
+            count -= got
+            if count and got == 0:  # this epoch's windows are used up
+                if self._consumed[name] == 0:
+                    raise ValueError(
+                        f"data source {name!r} has fewer than {self._seq_len + 1} tokens: "
+                        "no window of that length"
+                    )
+                self._epoch[name] += 1
+                self._consumed[name] = 0
+                del self._streams[name]
+        return windows
 
     def next_batch(self) -> Batch:
         """This rank's rows of the next global batch ([global rows / dp, seq_len] each)."""
@@ -182,10 +193,18 @@ class BatchLoader:
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         rng = np.random.default_rng([self.seed, self.step])
         counts = rng.multinomial(rows, weights / weights.sum())
-        windows = [self._window(i) for i, count in enumerate(counts) for _ in range(count)]
-        local = windows[
-            self.dp_rank * rows // self.dp_size : (self.dp_rank + 1) * rows // self.dp_size
-        ]
+        # The global batch is each source's windows in turn; this rank's rows are [lo, hi) of it.
+        # Every rank advances every stream by the whole batch (so all keep the same state) but
+        # reads only the windows of its own rows.
+        lo, hi = self.dp_rank * rows // self.dp_size, (self.dp_rank + 1) * rows // self.dp_size
+        local: list[tuple[np.ndarray, np.ndarray]] = []
+        offset = 0
+        for index, count in enumerate(counts.tolist()):
+            first, last = min(max(lo - offset, 0), count), min(max(hi - offset, 0), count)
+            self._take(index, first, read=False)
+            local += self._take(index, last - first, read=True)
+            self._take(index, count - last, read=False)
+            offset += count
         tokens = np.stack([w[0] for w in local]).astype(np.int64)  # [b, T + 1]
         ids = np.stack([w[1] for w in local])
         targets = tokens[:, 1:].copy()
