@@ -123,6 +123,40 @@ def test_save_keeps_dtype_and_replaces_previous(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_save_from_meta_model_with_load_weight(tmp_path: Path) -> None:
+    """A meta-device model with `load_weight` writes the same files as the real model, asking for
+    each weight once; a wrong shape, or a meta model without weights, is an error."""
+    config = LlamaConfig.from_preset("debug", vocab_size=256, n_layers=2)
+    model = Llama(config)
+    model.init_weights(seed=3)
+    weights = model.state_dict()
+    save_checkpoint(model, tmp_path / "real", max_shard_size=200_000)
+    with torch.device("meta"):
+        skeleton = Llama(config)
+    asked: list[str] = []
+
+    def load_weight(name: str) -> torch.Tensor:
+        asked.append(name)
+        return weights[name]
+
+    save_checkpoint(skeleton, tmp_path / "lazy", max_shard_size=200_000, load_weight=load_weight)
+    assert sorted(asked) == sorted(weights)  # each once
+    files = sorted(p.name for p in (tmp_path / "real").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "lazy").iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
+    for name in files:
+        assert (tmp_path / "real" / name).read_bytes() == (tmp_path / "lazy" / name).read_bytes()
+    with pytest.raises(ValueError, match=r"load_weight\('norm.weight'\) gave shape \(3,\)"):
+        save_checkpoint(
+            skeleton,
+            tmp_path / "bad",
+            load_weight=lambda n: torch.ones(3) if n == "norm.weight" else weights[n],
+        )
+    with pytest.raises(ValueError, match="meta device"):
+        save_checkpoint(skeleton, tmp_path / "none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy", "real"]  # nothing left behind
+
+
 def hf_to_meta(
     hf: transformers.LlamaForCausalLM, model_parallel: int
 ) -> list[dict[str, torch.Tensor]]:

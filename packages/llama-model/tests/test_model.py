@@ -12,7 +12,14 @@ import pytest
 import torch
 import transformers
 
-from llama_model import KVCache, Llama, LlamaConfig, RopeScaling, document_positions
+from llama_model import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    RopeScaling,
+    document_positions,
+    initial_parameter,
+)
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -271,6 +278,35 @@ def test_init_weights_is_reproducible_and_scaled() -> None:
     wo_std = a.layers[0].attention.wo.weight.std().item()
     assert wq_std == pytest.approx(0.02, rel=0.05)
     assert wo_std == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 * 8 layers)
+
+
+def test_each_parameter_has_its_own_generator() -> None:
+    """A parameter's initial value depends on the seed and its name only, not on the other
+    parameters or their order: a pipeline stage or a shard can be initialised alone (llama-train
+    materialises meta-device models that way) and equal the whole model's init."""
+    config = tiny_config(n_layers=3)
+    model = Llama(config)
+    model.init_weights(seed=11)
+    params = dict(model.named_parameters())
+    for name in reversed(list(params)):  # alone and in another order
+        value = initial_parameter(config, name, params[name].shape, seed=11)
+        assert torch.equal(value, params[name]), name
+    # Same shape, different names or seeds: different draws.
+    wk, wv = params["layers.1.attention.wk.weight"], params["layers.1.attention.wv.weight"]
+    assert not torch.equal(wk, wv)
+    assert not torch.equal(wk, params["layers.2.attention.wk.weight"])
+    other = initial_parameter(config, "layers.1.attention.wk.weight", wk.shape, seed=12)
+    assert not torch.equal(other, wk)
+    assert torch.equal(params["norm.weight"], torch.ones(config.dim))
+
+
+def test_initial_parameter_rejects_unknown_names() -> None:
+    """A name that is not a Llama parameter, or a layer past the config's depth, is an error."""
+    config = tiny_config(n_layers=2)
+    with pytest.raises(ValueError, match="not a parameter name"):
+        initial_parameter(config, "layers.0.attention.wq", (4, 4), seed=0)
+    with pytest.raises(ValueError, match="2 layers"):
+        initial_parameter(config, "layers.2.feed_forward.w1.weight", (4, 4), seed=0)
 
 
 def test_rope_survives_dtype_cast_and_meta_build() -> None:

@@ -24,7 +24,12 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 import llama_train.averaging as averaging
 from llama_model import Llama, LlamaConfig
-from llama_train.averaging import average_checkpoints, average_state_dicts, read_model_metadata
+from llama_train.averaging import (
+    CheckpointAverage,
+    average_checkpoints,
+    average_state_dicts,
+    read_model_metadata,
+)
 
 TINY = {
     "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64,
@@ -166,6 +171,41 @@ def test_average_checkpoints_reads_only_model_into_reused_buffers(
     assert all(list(request) == ["model"] for request in requests)
     pointers = [{k: v.data_ptr() for k, v in r["model"].items()} for r in requests]
     assert pointers[0] == pointers[1] == pointers[2]
+
+
+def test_checkpoint_average_in_groups_equals_the_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`CheckpointAverage` with small groups gives the same tensors, bit for bit, as averaging
+    whole checkpoints, reading each group from every checkpoint once and holding only that group;
+    each entry is produced once, and `order` must list the entries."""
+    paths = [_save(tmp_path / str(i), _state(i)) for i in range(3)]
+    whole = average_checkpoints(paths)
+    order = list(_model(0).state_dict())
+    requests: list[list[str]] = []
+    real_load = averaging.dcp_load  # type: ignore[attr-defined]
+
+    def spy(state_dict: dict[str, Any], **kwargs: Any) -> None:
+        requests.append(list(state_dict["model"]))
+        real_load(state_dict, **kwargs)
+
+    monkeypatch.setattr(averaging, "dcp_load", spy)
+    largest = max(t.numel() * t.element_size() for t in whole.values())
+    average = CheckpointAverage(paths, order=order, chunk_bytes=largest)
+    for key in order:
+        assert torch.equal(average.tensor(key), whole[key]), key
+        held = sum(t.numel() * t.element_size() for t in average._ready.values())
+        assert held <= largest  # no more than the rest of one group is kept
+    groups = requests[::3]
+    assert [k for group in groups for k in group] == order  # each key read in one group
+    assert all(requests[3 * i : 3 * i + 3] == [g] * 3 for i, g in enumerate(groups))
+    assert 1 < len(groups) < len(order)  # several keys per group, several groups
+    with pytest.raises(ValueError, match="already produced"):
+        average.tensor(order[0])
+    with pytest.raises(KeyError, match="not a model entry"):
+        average.tensor("nope")
+    with pytest.raises(ValueError, match="order must list"):
+        CheckpointAverage(paths, order=order[1:])
 
 
 def test_average_checkpoints_rejects_different_models(tmp_path: Path) -> None:

@@ -31,6 +31,41 @@ def _run(shards: Path, out: Path, *overrides: str) -> tuple[TrainResult, dict[st
     return result, load_file(out / "model" / "model.safetensors")
 
 
+def test_model_is_built_on_meta_then_initialised_in_place(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer never builds the model at full size before parallelising it (a 70B model does
+    not fit one device): it builds on the meta device and materialises its parts, which start
+    from exactly `Llama.init_weights` of the run's seed (the distributed trainer tests check the
+    same for shards and pipeline stages)."""
+    import llama_train.trainer as trainer_module
+    from llama_model import Llama
+
+    built_on: list[str] = []
+
+    class Recording(Llama):
+        def __init__(self, config: object) -> None:
+            super().__init__(config)  # type: ignore[arg-type]
+            built_on.append(self.tok_embeddings.weight.device.type)
+
+    monkeypatch.setattr(trainer_module, "Llama", Recording)
+    overrides = [*_common.trainer_overrides(str(shards), str(tmp_path)), "seed=5"]
+    trainer = Trainer(TrainConfig.load(None, overrides))
+    try:
+        assert built_on == ["meta"]
+        expected = Llama(trainer.model_config)
+        expected.init_weights(seed=5)
+        reference = dict(expected.named_parameters())
+        (part,) = trainer.parts
+        got = dict(part.named_parameters())
+        assert got.keys() == reference.keys()
+        for name, param in got.items():
+            assert param.device.type == "cpu", name
+            assert torch.equal(param, reference[name]), name
+    finally:
+        trainer.close()
+
+
 def test_activation_checkpointing_is_exact(shards: Path, tmp_path: Path) -> None:
     """Recomputing activations in backward gives the same losses and weights, bit for bit (CPU
     float32 is deterministic and the recomputation repeats the same operations)."""

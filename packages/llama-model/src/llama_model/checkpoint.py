@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -352,12 +352,18 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     max_shard_size: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    load_weight: Callable[[str], torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face Llama directory that transformers and vLLM load as is.
 
     Weights are saved in their dtype (or `dtype`), split into shards of at most `max_shard_size`
     bytes. With a `tokenizer`, the tokenizer files and the chat template are written too. An existing
     checkpoint at `path` is replaced only once the new one is complete.
+
+    With `load_weight`, the weights come from ``load_weight(name)`` (our parameter names, e.g.
+    ``"layers.0.attention.wq.weight"``), each called once while its shard is written, and `model`
+    only gives the structure (build it on the meta device): a model larger than memory is written
+    with one shard in memory at a time.
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -373,8 +379,16 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
 
     # References only: each shard is moved to the CPU and converted while it is written.
-    state = {to_hf_name(name): tensor.detach() for name, tensor in model.state_dict().items()}
-    weight_dtype = dtype or next(iter(state.values())).dtype
+    params = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    weight_dtype = dtype or next(iter(params.values())).dtype
+    if load_weight is None and any(t.is_meta for t in params.values()):
+        raise ValueError(
+            "the model is on the meta device (no weights): load its weights first, or pass "
+            "load_weight= to produce each weight while it is written"
+        )
+    state = {
+        to_hf_name(name): _Weight(name, tensor, load_weight) for name, tensor in params.items()
+    }
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, list(tokenizer.stop_tokens)
     elif model.config.vocab_size == _LLAMA3_VOCAB:
@@ -411,8 +425,29 @@ def save_checkpoint(
     return target
 
 
+class _Weight:
+    """A weight to write: the model's tensor, or (with `load`) one produced when it is written."""
+
+    def __init__(
+        self, name: str, tensor: torch.Tensor, load: Callable[[str], torch.Tensor] | None
+    ) -> None:
+        self.name, self.tensor, self.load = name, tensor, load
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def materialise(self, dtype: torch.dtype) -> torch.Tensor:
+        value = self.tensor if self.load is None else self.load(self.name)
+        if value.shape != self.tensor.shape:
+            raise ValueError(
+                f"load_weight({self.name!r}) gave shape {tuple(value.shape)}; the model's is "
+                f"{tuple(self.tensor.shape)}"
+            )
+        return value.detach().to(device="cpu", dtype=dtype).contiguous()
+
+
 def _write_weights(
-    state: dict[str, torch.Tensor], directory: Path, max_shard_size: int, dtype: torch.dtype
+    state: dict[str, _Weight], directory: Path, max_shard_size: int, dtype: torch.dtype
 ) -> None:
     """Write `state` as safetensors shards of at most `max_shard_size` bytes (in `dtype`), with an
     index when there is more than one; only one shard is held on the CPU at a time."""
@@ -428,7 +463,7 @@ def _write_weights(
         size += nbytes
 
     def materialise(names: list[str]) -> dict[str, torch.Tensor]:
-        return {n: state[n].to(device="cpu", dtype=dtype).contiguous() for n in names}
+        return {n: state[n].materialise(dtype) for n in names}
 
     if len(shards) == 1:
         save_file(

@@ -16,9 +16,11 @@ Hugging Face layout: Hugging Face checkpoints load as they are, and the rows of 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "document_block_mask",
     "document_mask",
     "document_positions",
+    "initial_parameter",
     "packed_document_mask",
 ]
 
@@ -195,24 +198,26 @@ class Llama(nn.Module):
     def init_weights(self, seed: int = 0, *, std: float = 0.02) -> None:
         """Initialise for training from scratch, reproducibly from `seed`.
 
-        The paper does not state its initialisation; we use GPT-2's (Radford et al. 2019): normal(0,
-        std) for embeddings and projections, with the residual-branch outputs (wo, w2) scaled by
-        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth; norm gains 1.
+        Each parameter is drawn from its own generator, seeded from `seed` and its name
+        (`initial_parameter`), so a part of the model (a pipeline stage, one rank's shard) can be
+        initialised alone and still equal the same parameters of the whole model.
         """
-        device = self.tok_embeddings.weight.device
-        if device.type == "meta":
-            raise RuntimeError(
-                "init_weights needs real storage: call model.to_empty(device=...) first"
-            )
-        generator = torch.Generator(device=device).manual_seed(seed)
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                param.normal_(0.0, residual_std, generator=generator)
-            else:
-                param.normal_(0.0, std, generator=generator)
+            if param.device.type == "meta":
+                raise RuntimeError(
+                    "init_weights needs real storage: call model.to_empty(device=...) first"
+                )
+            param.copy_(
+                initial_parameter(
+                    self.config,
+                    name,
+                    param.shape,
+                    seed=seed,
+                    std=std,
+                    dtype=param.dtype,
+                    device=param.device,
+                )
+            )
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab_size, dim] output projection (the embedding table when tied)."""
@@ -314,6 +319,51 @@ class Llama(nn.Module):
             cache=cache,
         )
         return self.logits(hidden)
+
+
+_PARAMETER_NAME = re.compile(
+    r"tok_embeddings\.weight|output\.weight|norm\.weight|layers\.(\d+)\."
+    r"(attention\.w[qkvo]|feed_forward\.w[123]|attention_norm|ffn_norm)\.weight"
+)
+
+
+def initial_parameter(
+    config: LlamaConfig,
+    name: str,
+    shape: Sequence[int],
+    *,
+    seed: int,
+    std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The from-scratch initial value of the `Llama` parameter `name` (e.g.
+    ``"layers.3.feed_forward.w2.weight"``), full size `shape`.
+
+    The paper does not state its initialisation; we use GPT-2's (Radford et al. 2019): normal(0,
+    std) for embeddings and projections, with the residual-branch outputs (wo, w2) scaled by
+    1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth; norm gains 1.
+    The draw comes from a generator of `device`'s type seeded by `seed` and `name` alone, so it
+    does not depend on which other parameters a process holds: that is what lets a sharded or
+    pipelined model be initialised in place (on the meta device first, then shard by shard) and
+    start from exactly the weights of a single-process run on the same device type.
+    """
+    match = _PARAMETER_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"{name!r} is not a parameter name of Llama (e.g. 'layers.0.attention.wq.weight')"
+        )
+    if match.group(1) is not None and int(match.group(1)) >= config.n_layers:
+        raise ValueError(f"{name!r}: the config has {config.n_layers} layers")
+    value = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if name.endswith("norm.weight"):
+        return value.fill_(1.0)
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=value.device)
+    generator.manual_seed(int.from_bytes(digest, "little") >> 1)  # a non-negative int64
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std = std / math.sqrt(2 * config.n_layers)
+    return value.normal_(0.0, std, generator=generator)
 
 
 def document_mask(document_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

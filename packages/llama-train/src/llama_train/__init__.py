@@ -8,7 +8,7 @@ handling and metrics. Also: the schedules, the scaling-law fits of §3.2.1, pack
 `llama_data` token shards, a minimal single-process loop, the `llama-train` CLI and `llama-demo`.
 """
 
-from llama_train.averaging import average_checkpoints, average_state_dicts
+from llama_train.averaging import CheckpointAverage, average_checkpoints, average_state_dicts
 from llama_train.checkpoint import TrainCheckpointer
 from llama_train.config import TrainConfig
 from llama_train.data import Batch, BatchLoader, DataSource, packed_batches
@@ -50,6 +50,7 @@ __all__ = [
     "SpikeDetector",
     "MetricsLogger",
     "model_flops_utilization",
+    "CheckpointAverage",
     "average_checkpoints",
     "average_state_dicts",
     # schedules (§3.4)

@@ -10,11 +10,14 @@ loses nothing to rounding along the way) and returned in the checkpoints' own dt
 `dcp.save({"model": ..., "optim": ..., "train": ...}, checkpoint_id=dir)`, in one process with no
 process group (a checkpoint sharded over any number of ranks is read whole), one checkpoint at a
 time into the same buffers: peak memory is one model in the checkpoint dtype plus the float64
-accumulator, whatever the number of checkpoints. Optimizer and training state are never read.
+accumulator, whatever the number of checkpoints. `CheckpointAverage` produces the same average a
+group of tensors at a time, for models larger than memory. Optimizer and training state are never
+read.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 __all__ = [
     "MODEL_KEY",
+    "CheckpointAverage",
     "average_state_dicts",
     "average_checkpoints",
     "read_model_metadata",
@@ -184,38 +188,101 @@ def _load_model_into(checkpoint: Path, buffers: dict[str, Tensor]) -> None:
         dcp_load({MODEL_KEY: buffers}, checkpoint_id=str(checkpoint), no_dist=True)
 
 
+class CheckpointAverage:
+    """The Polyak average of the `"model"` entries of DCP training checkpoints, produced a group
+    of tensors at a time: `tensor(key)` reads the group starting at `key` (in `order`, up to
+    `chunk_bytes` of the checkpoint dtype) from every checkpoint, one checkpoint after the other,
+    and averages it in float64. Exporting a model of any size thus needs memory for one group, not
+    for the model (`Trainer.export` passes each tensor to the writer as it is produced).
+
+    Fails on construction, naming the checkpoint and key, if the checkpoints do not hold the same
+    model (only their metadata is read for that).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        order: Sequence[str] | None = None,
+        chunk_bytes: int = 2**30,
+    ) -> None:
+        if not paths:
+            raise ValueError("nothing to average: got no checkpoint paths")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.paths = [Path(p) for p in paths]
+        first = read_model_metadata(self.paths[0])
+        for path in self.paths[1:]:
+            entries = read_model_metadata(path)
+            for key in sorted(entries.keys() | first.keys()):
+                if key not in entries or key not in first:
+                    where = f"only in {path}" if key not in first else f"missing from {path}"
+                    raise ValueError(
+                        f"model entry {key!r} is {where} (compared with {self.paths[0]}); "
+                        "average checkpoints of the same model only"
+                    )
+                shape, dtype = entries[key].size, entries[key].properties.dtype
+                if shape != first[key].size or dtype != first[key].properties.dtype:
+                    raise ValueError(
+                        f"model entry {key!r} in {path} is {tuple(shape)} {dtype}, but "
+                        f"{tuple(first[key].size)} {first[key].properties.dtype} in "
+                        f"{self.paths[0]}; average checkpoints of the same model only"
+                    )
+        self._entries = first
+        keys = list(order) if order is not None else sorted(first)
+        if sorted(keys) != sorted(first):
+            raise ValueError(
+                f"order must list the checkpoints' model entries once each: missing "
+                f"{sorted(first.keys() - set(keys))[:5]}, unknown {sorted(set(keys) - first.keys())[:5]}"
+            )
+        self.keys = keys
+        self._position = {key: i for i, key in enumerate(keys)}
+        self._chunk_bytes = chunk_bytes
+        self._ready: dict[str, Tensor] = {}
+        self._done: set[str] = set()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key].properties.dtype
+
+    def _nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
+
+    def tensor(self, key: str) -> Tensor:
+        """The average of `key` over the checkpoints, in their dtype (each key once)."""
+        if key not in self._position:
+            raise KeyError(f"{key!r} is not a model entry of the checkpoints")
+        if key in self._done:
+            raise ValueError(f"{key!r} was already produced (each entry is averaged once)")
+        if key not in self._ready:
+            group: list[str] = []
+            size = 0
+            for candidate in self.keys[self._position[key] :]:
+                if candidate in self._done or candidate in self._ready:
+                    continue
+                if group and size + self._nbytes(candidate) > self._chunk_bytes:
+                    break
+                group.append(candidate)
+                size += self._nbytes(candidate)
+            buffers = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in group}
+            accumulator = _Accumulator()
+            for path in self.paths:
+                _load_model_into(path, buffers)
+                accumulator.add(buffers, source=str(path))
+            self._ready.update(accumulator.mean())
+        self._done.add(key)
+        return self._ready.pop(key)
+
+
 def average_checkpoints(paths: Sequence[Path]) -> dict[str, Tensor]:
     """Polyak average of the `"model"` entries of DCP training checkpoints (CPU tensors).
 
-    Reads one checkpoint at a time into buffers shaped from the first checkpoint's metadata, so
-    memory stays at one model copy plus the float64 accumulator. Keys are the model's plain
-    FQNs (as saved), values have the checkpoint's dtype. Fails, naming the checkpoint and key,
-    if the checkpoints do not hold the same model.
+    Reads one checkpoint at a time (see `CheckpointAverage`, which bounds the memory by a group of
+    tensors for models that do not fit). Keys are the model's plain FQNs (as saved), values have
+    the checkpoint's dtype. Fails, naming the checkpoint and key, if the checkpoints do not hold
+    the same model.
     """
-    if not paths:
-        raise ValueError("nothing to average: got no checkpoint paths")
-    first = read_model_metadata(paths[0])
-    buffers = {
-        key: torch.empty(tuple(storage.size), dtype=storage.properties.dtype)
-        for key, storage in first.items()
-    }
-    accumulator = _Accumulator()
-    for path in paths:
-        entries = read_model_metadata(path)
-        for key in sorted(entries.keys() | first.keys()):
-            if key not in entries or key not in first:
-                where = f"only in {path}" if key not in first else f"missing from {path}"
-                raise ValueError(
-                    f"model entry {key!r} is {where} (compared with {paths[0]}); "
-                    "average checkpoints of the same model only"
-                )
-            shape, dtype = entries[key].size, entries[key].properties.dtype
-            if shape != first[key].size or dtype != first[key].properties.dtype:
-                raise ValueError(
-                    f"model entry {key!r} in {path} is {tuple(shape)} {dtype}, but "
-                    f"{tuple(first[key].size)} {first[key].properties.dtype} in {paths[0]}; "
-                    "average checkpoints of the same model only"
-                )
-        _load_model_into(Path(path), buffers)
-        accumulator.add(buffers, source=str(path))
-    return accumulator.mean()
+    average = CheckpointAverage(paths, chunk_bytes=2**62)
+    return {key: average.tensor(key) for key in average.keys}

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from llama_data import TokenShards
 from llama_model import Llama, LlamaConfig, Tokenizer, document_positions, flops_per_token
 from llama_model import save_checkpoint as export_checkpoint
-from llama_train.averaging import average_checkpoints
+from llama_train.averaging import CheckpointAverage
 from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
 from llama_train.config import SourceConfig, TrainConfig
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
@@ -88,9 +88,9 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
 
         sources = self._sources(config.data.sources, "data.sources")  # fail before building
-        with torch.device(self.device):
+        # Built without memory; each rank materialises and initialises only its parts and shards.
+        with torch.device("meta"):
             model = Llama(self.model_config)
-        model.init_weights(seed=config.seed)
         self.parts, self.pipeline = parallelize(model, self.mesh, self.dims, config, self.device)
         self._pipeline_shape: tuple[int, ...] | None = None
         self._rollbacks_since_accepted = 0
@@ -493,11 +493,18 @@ class Trainer:
             sources = snapshots or ([latest] if latest is not None else [])
             if not sources:
                 raise RuntimeError("nothing to export: no checkpoint was written")
-            state = average_checkpoints(sources)
             with torch.device("meta"):
                 model = Llama(self.model_config)
-            model.load_state_dict(state, assign=True)
-            export_checkpoint(model, path, tokenizer=self._tokenizer())
+            # One group of averaged tensors in memory at a time, never the whole model.
+            names = list(model.state_dict())
+            average = CheckpointAverage(sources, order=names)
+            export_checkpoint(
+                model,
+                path,
+                tokenizer=self._tokenizer(),
+                dtype=average.dtype(names[0]),
+                load_weight=average.tensor,
+            )
             log.info(
                 "exported %s (average of %d checkpoints) to %s",
                 sources[-1].name,

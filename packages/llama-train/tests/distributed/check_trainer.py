@@ -3,7 +3,9 @@
 Usage: check_trainer.py <shards> <out_root> <name>:<override>;<override> ...
 Each layout trains the tiny model for a few steps from the same seed and data; rank 0 writes
 ``<out_root>/<name>/losses.json``. The pytest side compares losses and the exported weights with a
-single-process run of the same config.
+single-process run of the same config. Before training, every rank checks that the parameters it
+materialised from the meta device (its shards, its pipeline stages) are bit for bit those of
+`Llama.init_weights` on one process.
 """
 
 from __future__ import annotations
@@ -13,10 +15,29 @@ import sys
 from pathlib import Path
 
 import _common
+import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from llama_model import Llama
 from llama_train.config import TrainConfig
+from llama_train.parallel.compose import canonical_name
 from llama_train.trainer import Trainer
+
+
+def check_initial_weights(trainer: Trainer, name: str) -> None:
+    expected = Llama(trainer.model_config)
+    expected.init_weights(seed=trainer.config.seed)
+    reference = dict(expected.named_parameters())
+    seen = 0
+    for part in trainer.parts:
+        for param_name, param in part.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            key = canonical_name(param_name)
+            assert torch.equal(full, reference[key]), f"{name}: initial {key} differs"
+            seen += 1
+    assert seen > 0, name
+
 
 shards, out_root, *layouts = sys.argv[1:]
 rank, world = _common.init()
@@ -27,6 +48,7 @@ for layout in layouts:
         None, [*_common.trainer_overrides(shards, f"{out_root}/{name}"), *overrides]
     )
     trainer = Trainer(config)
+    check_initial_weights(trainer, name)
     result = trainer.fit()
     trainer.close()
     if rank == 0:
