@@ -19,6 +19,7 @@ EXPECTED = [
     "document_positions",
     "flops_per_token",
     "generate",
+    "init_parameters",
     "initial_parameter",
     "load_checkpoint",
     "sample",

@@ -154,7 +154,13 @@ def test_save_from_meta_model_with_load_weight(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="meta device"):
         save_checkpoint(skeleton, tmp_path / "none")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy", "real"]  # nothing left behind
+    with pytest.raises(ValueError, match=r"gave torch.bfloat16, but the model's weights are"):
+        save_checkpoint(skeleton, tmp_path / "bf16", load_weight=lambda n: weights[n].bfloat16())
+    save_checkpoint(
+        skeleton, tmp_path / "cast", dtype=torch.bfloat16, load_weight=lambda n: weights[n]
+    )
+    assert load_checkpoint(tmp_path / "cast").tok_embeddings.weight.dtype == torch.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cast", "lazy", "real"]  # no debris
 
 
 def hf_to_meta(

@@ -8,6 +8,8 @@ frequency, mask or norm changes logits at 1e-2 or more).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -298,6 +300,43 @@ def test_each_parameter_has_its_own_generator() -> None:
     other = initial_parameter(config, "layers.1.attention.wk.weight", wk.shape, seed=12)
     assert not torch.equal(other, wk)
     assert torch.equal(params["norm.weight"], torch.ones(config.dim))
+
+
+def test_init_parameters_fills_dtensor_shards_and_wrapped_names(tmp_path: Path) -> None:
+    """`init_weights` on a model whose parameters are DTensors (as after tensor parallelism or
+    FSDP2) fills each rank's shard with the plain model's values; wrapper prefixes in names
+    (activation checkpointing) are ignored. One gloo process; llama-train's distributed trainer
+    tests check real shards on several ranks."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    config = tiny_config(n_layers=2)
+    plain = Llama(config)
+    plain.init_weights(seed=4)
+    store = dist.FileStore(str(tmp_path / "store"), 1)  # type: ignore[attr-defined]
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        with torch.device("meta"):
+            model = Llama(config)
+        model.layers[1] = checkpoint_wrapper(model.layers[1])
+        model.to_empty(device="cpu")
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                dtensor = distribute_tensor(param.detach(), mesh, [Shard(0)])
+                module.register_parameter(name, torch.nn.Parameter(dtensor))
+        model.init_weights(seed=4)
+        names = [n for n, _ in model.named_parameters()]
+        assert any("_checkpoint_wrapped_module" in n for n in names)
+        for (name, param), expected in zip(
+            model.named_parameters(), plain.parameters(), strict=True
+        ):
+            assert isinstance(param, DTensor), name
+            assert torch.equal(param.full_tensor(), expected), name
+    finally:
+        dist.destroy_process_group()
 
 
 def test_initial_parameter_rejects_unknown_names() -> None:

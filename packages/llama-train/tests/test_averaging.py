@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 import llama_train.averaging as averaging
@@ -190,6 +191,15 @@ def test_checkpoint_average_in_groups_equals_the_whole(
         real_load(state_dict, **kwargs)
 
     monkeypatch.setattr(averaging, "dcp_load", spy)
+    metadata_reads = 0
+    real_read_metadata = FileSystemReader.read_metadata
+
+    def counting(self: FileSystemReader, *args: Any, **kwargs: Any) -> Any:
+        nonlocal metadata_reads
+        metadata_reads += 1
+        return real_read_metadata(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemReader, "read_metadata", counting)
     largest = max(t.numel() * t.element_size() for t in whole.values())
     average = CheckpointAverage(paths, order=order, chunk_bytes=largest)
     for key in order:
@@ -200,6 +210,7 @@ def test_checkpoint_average_in_groups_equals_the_whole(
     assert [k for group in groups for k in group] == order  # each key read in one group
     assert all(requests[3 * i : 3 * i + 3] == [g] * 3 for i, g in enumerate(groups))
     assert 1 < len(groups) < len(order)  # several keys per group, several groups
+    assert metadata_reads == 2 * len(paths)  # checked once, then read once per checkpoint
     with pytest.raises(ValueError, match="already produced"):
         average.tensor(order[0])
     with pytest.raises(KeyError, match="not a model entry"):

@@ -135,7 +135,8 @@ def test_each_rank_reads_only_its_own_windows(
     letters: Letters, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A data-parallel rank passes over the other ranks' windows by their lengths: the windows it
-    reads are exactly its rows (across epochs: the letter sources run out within these steps)."""
+    reads are exactly its rows, and they are the single-rank batch's rows, for 40 steps across
+    epoch ends (the letter sources run out several times) and a sequence-length change."""
     from llama_data import WindowStream
 
     reads = 0
@@ -149,14 +150,30 @@ def test_each_rank_reads_only_its_own_windows(
 
     monkeypatch.setattr(WindowStream, "__next__", counting)
     ramp = _ramp((0, 8, 16), (600, 16, 24))
+    reference = BatchLoader(_sources(letters, {"a": 1.0, "b": 2.0}), ramp, seed=3)
+    expected = [reference.next_batch() for _ in range(40)]
+    assert min(reference.state_dict()["epoch"].values()) > 1  # epochs were crossed
     for rank in range(4):
         reads = 0
         loader = BatchLoader(
             _sources(letters, {"a": 1.0, "b": 2.0}), ramp, seed=3, dp_rank=rank, dp_size=4
         )
-        rows = sum(loader.next_batch().tokens.shape[0] for _ in range(40))
+        rows = 0
+        for whole in expected:
+            batch = loader.next_batch()
+            n = batch.tokens.shape[0]
+            part = slice(rank * n, (rank + 1) * n)
+            _assert_same(
+                batch,
+                Batch(
+                    tokens=whole.tokens[part],
+                    targets=whole.targets[part],
+                    document_ids=whole.document_ids[part],
+                ),
+            )
+            rows += n
         assert reads == rows, rank
-        assert max(loader.state_dict()["epoch"].values()) > 0  # epochs were crossed
+        assert loader.state_dict() == reference.state_dict()
 
 
 @pytest.mark.parametrize(("dp_rank", "dp_size"), [(0, 1), (1, 2)])

@@ -214,21 +214,17 @@ class WindowStream(Iterator[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]
         whole windows there were (fewer than asked at the end of the stream, which then ends)."""
         if windows < 0:
             raise ValueError(f"cannot skip {windows} windows")
-        skipped = 0
-        remaining = self.seq_len  # tokens of the current window still to pass
-        while skipped < windows:
+        need, passed = windows * self.seq_len, 0  # in tokens: a loop per document, not window
+        while passed < need:
             left = self._doc_size - self._position
             if left == 0:
                 if not self._open_next():
-                    return skipped
+                    return passed // self.seq_len
                 continue
-            step = min(left, remaining)
+            step = min(left, need - passed)
             self._position += step
-            remaining -= step
-            if remaining == 0:
-                skipped += 1
-                remaining = self.seq_len
-        return skipped
+            passed += step
+        return windows
 
     def __next__(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]:
         tokens = np.empty(self.seq_len, dtype=np.uint32)

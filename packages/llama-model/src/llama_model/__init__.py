@@ -10,7 +10,7 @@ from llama_model.chat import ChatFormat, EncodedDialog, Message, ToolCall
 from llama_model.checkpoint import load_checkpoint, save_checkpoint
 from llama_model.config import PRESETS, LlamaConfig, RopeScaling, count_parameters, flops_per_token
 from llama_model.generate import generate, sample
-from llama_model.model import Llama, document_positions, initial_parameter
+from llama_model.model import Llama, document_positions, init_parameters, initial_parameter
 from llama_model.tokenizer import Tokenizer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     # the model
     "Llama",
     "document_positions",
+    "init_parameters",
     "initial_parameter",
     # inference
     "KVCache",

@@ -362,8 +362,9 @@ def save_checkpoint(
 
     With `load_weight`, the weights come from ``load_weight(name)`` (our parameter names, e.g.
     ``"layers.0.attention.wq.weight"``), each called once while its shard is written, and `model`
-    only gives the structure (build it on the meta device): a model larger than memory is written
-    with one shard in memory at a time.
+    only gives the structure and dtype (build it on the meta device): a model larger than memory
+    is written with one shard in memory at a time. Weights of another dtype than the model's are
+    an error unless `dtype` is given.
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -387,7 +388,8 @@ def save_checkpoint(
             "load_weight= to produce each weight while it is written"
         )
     state = {
-        to_hf_name(name): _Weight(name, tensor, load_weight) for name, tensor in params.items()
+        to_hf_name(name): _Weight(name, tensor, load_weight, convert=dtype is not None)
+        for name, tensor in params.items()
     }
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, list(tokenizer.stop_tokens)
@@ -429,9 +431,14 @@ class _Weight:
     """A weight to write: the model's tensor, or (with `load`) one produced when it is written."""
 
     def __init__(
-        self, name: str, tensor: torch.Tensor, load: Callable[[str], torch.Tensor] | None
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        load: Callable[[str], torch.Tensor] | None,
+        *,
+        convert: bool,
     ) -> None:
-        self.name, self.tensor, self.load = name, tensor, load
+        self.name, self.tensor, self.load, self.convert = name, tensor, load, convert
 
     def numel(self) -> int:
         return self.tensor.numel()
@@ -442,6 +449,11 @@ class _Weight:
             raise ValueError(
                 f"load_weight({self.name!r}) gave shape {tuple(value.shape)}; the model's is "
                 f"{tuple(self.tensor.shape)}"
+            )
+        if self.load is not None and not self.convert and value.dtype != dtype:
+            raise ValueError(  # never cast what load_weight gives silently
+                f"load_weight({self.name!r}) gave {value.dtype}, but the model's weights are "
+                f"{dtype}; pass dtype= to write them in another dtype"
             )
         return value.detach().to(device="cpu", dtype=dtype).contiguous()
 

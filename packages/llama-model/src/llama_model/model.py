@@ -41,6 +41,7 @@ __all__ = [
     "document_block_mask",
     "document_mask",
     "document_positions",
+    "init_parameters",
     "initial_parameter",
     "packed_document_mask",
 ]
@@ -194,30 +195,11 @@ class Llama(nn.Module):
             self._inv_freq[device] = inv_freq
         return self._inv_freq[device]
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0, *, std: float = 0.02) -> None:
-        """Initialise for training from scratch, reproducibly from `seed`.
-
-        Each parameter is drawn from its own generator, seeded from `seed` and its name
-        (`initial_parameter`), so a part of the model (a pipeline stage, one rank's shard) can be
-        initialised alone and still equal the same parameters of the whole model.
-        """
-        for name, param in self.named_parameters():
-            if param.device.type == "meta":
-                raise RuntimeError(
-                    "init_weights needs real storage: call model.to_empty(device=...) first"
-                )
-            param.copy_(
-                initial_parameter(
-                    self.config,
-                    name,
-                    param.shape,
-                    seed=seed,
-                    std=std,
-                    dtype=param.dtype,
-                    device=param.device,
-                )
-            )
+        """Initialise for training from scratch, reproducibly from `seed` (`init_parameters`):
+        each parameter from its own generator, so a part of the model (a pipeline stage, one
+        rank's shard) can be initialised alone and still equal the whole model's."""
+        init_parameters(self, self.config, seed=seed, std=std)
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab_size, dim] output projection (the embedding table when tied)."""
@@ -364,6 +346,61 @@ def initial_parameter(
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         std = std / math.sqrt(2 * config.n_layers)
     return value.normal_(0.0, std, generator=generator)
+
+
+# Prefixes that wrappers put into parameter names: activation checkpointing, `torch.compile(module)`.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+@torch.no_grad()
+def init_parameters(
+    module: nn.Module, config: LlamaConfig, *, seed: int, std: float = 0.02
+) -> None:
+    """Set every parameter of `module` to its `initial_parameter` value.
+
+    `module` is a `Llama` or any module whose parameters carry `Llama`'s names (a pipeline stage),
+    possibly wrapped by activation checkpointing or `torch.compile` (their name prefixes are
+    ignored). A `DTensor` parameter (tensor parallel, FSDP2) gets its own shard of the full value,
+    which every rank generates identically, so no communication is needed and memory peaks at one
+    full parameter. Build large models on the meta device, shard them, `to_empty(device=...)`,
+    then call this.
+    """
+    distributed = torch.distributed.is_available()
+    if distributed:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    for name, param in module.named_parameters():
+        if param.device.type == "meta":
+            raise RuntimeError(
+                "initialising needs real storage: call model.to_empty(device=...) first"
+            )
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        if distributed and isinstance(param, DTensor):  # keep this rank's shard of the full value
+            local = param.to_local()
+            full = initial_parameter(
+                config,
+                name,
+                param.shape,
+                seed=seed,
+                std=std,
+                dtype=param.dtype,
+                device=local.device,
+            )
+            value = distribute_tensor(
+                full, param.device_mesh, param.placements, src_data_rank=None
+            ).to_local()
+        else:
+            local = param
+            value = initial_parameter(
+                config,
+                name,
+                param.shape,
+                seed=seed,
+                std=std,
+                dtype=param.dtype,
+                device=param.device,
+            )
+        local.copy_(value)
 
 
 def document_mask(document_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

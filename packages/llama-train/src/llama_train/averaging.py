@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -177,7 +178,20 @@ def _model_paths(metadata: Metadata) -> dict[str, str]:
     }
 
 
-def _load_model_into(checkpoint: Path, buffers: dict[str, Tensor]) -> None:
+class _CachedMetadataReader(FileSystemReader):
+    """A DCP reader that reads the checkpoint's metadata once, however many loads it serves."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def _load_model_into(reader: FileSystemReader, buffers: dict[str, Tensor]) -> None:
     with warnings.catch_warnings():
         # Reading in one process is the point here; DCP warns that it "assumes" so.
         warnings.filterwarnings(
@@ -185,15 +199,16 @@ def _load_model_into(checkpoint: Path, buffers: dict[str, Tensor]) -> None:
             message="torch.distributed is disabled, unavailable or uninitialized",
             category=UserWarning,
         )
-        dcp_load({MODEL_KEY: buffers}, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp_load({MODEL_KEY: buffers}, storage_reader=reader, no_dist=True)
 
 
 class CheckpointAverage:
     """The Polyak average of the `"model"` entries of DCP training checkpoints, produced a group
     of tensors at a time: `tensor(key)` reads the group starting at `key` (in `order`, up to
     `chunk_bytes` of the checkpoint dtype) from every checkpoint, one checkpoint after the other,
-    and averages it in float64. Exporting a model of any size thus needs memory for one group, not
-    for the model (`Trainer.export` passes each tensor to the writer as it is produced).
+    and averages it in float64. Exporting a model of any size thus needs memory for one group and
+    its float64 sums, not for the model (`Trainer.export` passes each tensor to the writer as it is
+    produced).
 
     Fails on construction, naming the checkpoint and key, if the checkpoints do not hold the same
     model (only their metadata is read for that).
@@ -229,12 +244,17 @@ class CheckpointAverage:
                         f"{self.paths[0]}; average checkpoints of the same model only"
                     )
         self._entries = first
-        keys = list(order) if order is not None else sorted(first)
+        keys = list(order) if order is not None else list(first)
         if sorted(keys) != sorted(first):
+            twice = sorted({k for k in keys if keys.count(k) > 1})[:5]
             raise ValueError(
                 f"order must list the checkpoints' model entries once each: missing "
-                f"{sorted(first.keys() - set(keys))[:5]}, unknown {sorted(set(keys) - first.keys())[:5]}"
+                f"{sorted(first.keys() - set(keys))[:5]}, unknown "
+                f"{sorted(set(keys) - first.keys())[:5]}, repeated {twice}"
             )
+        # One reader per checkpoint: its metadata (every rank's chunks, the optimizer's entries)
+        # is read once, not once per group.
+        self._readers = [_CachedMetadataReader(str(path)) for path in self.paths]
         self.keys = keys
         self._position = {key: i for i, key in enumerate(keys)}
         self._chunk_bytes = chunk_bytes
@@ -268,8 +288,8 @@ class CheckpointAverage:
                 size += self._nbytes(candidate)
             buffers = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in group}
             accumulator = _Accumulator()
-            for path in self.paths:
-                _load_model_into(path, buffers)
+            for path, reader in zip(self.paths, self._readers, strict=True):
+                _load_model_into(reader, buffers)
                 accumulator.add(buffers, source=str(path))
             self._ready.update(accumulator.mean())
         self._done.add(key)

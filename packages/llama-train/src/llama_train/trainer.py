@@ -1,10 +1,10 @@
 """`Trainer`: Llama 3 pretraining on one `DeviceMesh`, from one CPU process to a GPU cluster.
 
-One code path for every layout. The model is built and initialised identically on every rank (so
-a parallel run starts from exactly the weights of a single-process run), then parallelised in the
+One code path for every layout. The model is built on the meta device and parallelised in the
 order torchtitan uses: pipeline split → tensor (+ sequence) parallel → context parallel →
 activation checkpointing → `torch.compile` per block → FSDP2 over the ``dp_shard × cp`` ranks
-(HSDP when ``dp_replicate > 1``). Each step:
+(HSDP when ``dp_replicate > 1``); then each rank materialises only its stages and shards, with
+the values a single-process run starts from (`llama_model.init_parameters`). Each step:
 
 1. every data-parallel rank takes its rows of the global batch (`BatchLoader`);
 2. the loss is the batch's mean next-token cross-entropy over all non-ignored targets of the

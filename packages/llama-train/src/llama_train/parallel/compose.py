@@ -5,7 +5,7 @@ FSDP2 over the ``dp_shard × cp`` ranks (HSDP when ``dp_replicate > 1``).
 The trainer passes a `Llama` built on the meta device: splitting and sharding it costs no memory,
 and each rank then materialises only its own parts and shards (`materialise`), so a model far larger
 than one device can be set up. Each parameter is drawn from its own generator seeded by the run's
-seed and the parameter's name (`llama_model.initial_parameter`), so any layout starts from exactly
+seed and the parameter's name (`llama_model.init_parameters`), so any layout starts from exactly
 the single-process weights. FSDP sums gradients (divide factor 1): each rank's loss is already its
 share of the global batch's mean.
 """
@@ -16,19 +16,15 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from llama_model import Llama, LlamaConfig, initial_parameter
+from llama_model import Llama, LlamaConfig, init_parameters
 from llama_train.config import TrainConfig
 from llama_train.parallel.context_parallel import enable_context_parallel
 from llama_train.parallel.mesh import ParallelDims, ParallelMesh
 from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
 from llama_train.parallel.tensor_parallel import apply_tensor_parallel
 
-__all__ = ["canonical_name", "materialise", "parallelize"]
-
-# Prefixes that wrappers put into parameter names: activation checkpointing, `torch.compile(module)`.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+__all__ = ["materialise", "parallelize"]
 
 
 def parallelize(
@@ -96,31 +92,11 @@ def parallelize(
     return parts, pipeline
 
 
-def canonical_name(name: str) -> str:
-    """`name` of a parameter without the prefixes of activation-checkpointing and compile wrappers:
-    the full `Llama`'s name (FSDP2, tensor parallelism and pipeline stages keep names as they are)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 @torch.no_grad()
 def materialise(part: nn.Module, config: LlamaConfig, *, seed: int, device: torch.device) -> None:
     """Give the meta-device `part` (a `Llama` or pipeline stage, after tensor parallelism and
-    `fully_shard`) storage on `device` and its from-scratch initial weights.
-
-    Each parameter's full initial value is generated (`llama_model.initial_parameter`: the same
-    value on every rank, whatever it holds) and the rank keeps its own shard, so memory peaks at one
-    full parameter on top of the rank's shards, never the whole model.
-    """
+    `fully_shard`) storage on `device` and its from-scratch initial weights
+    (`llama_model.init_parameters`: each rank generates one full parameter at a time and keeps
+    its shard, so memory peaks at one full parameter on top of the rank's shards)."""
     part.to_empty(device=device)
-    for name, param in part.named_parameters():
-        full = initial_parameter(
-            config, canonical_name(name), param.shape, seed=seed, dtype=param.dtype, device=device
-        )
-        if isinstance(param, DTensor):
-            # Every rank generated the same full tensor: cut out the local shard, no communication.
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(local.to_local())
-        else:
-            param.copy_(full)
+    init_parameters(part, config, seed=seed)

@@ -90,9 +90,9 @@ def apply_tensor_parallel(
         model: a `Llama` holding the same weights on every rank of `tp_mesh` (initialised from
             the same seed or loaded from the same checkpoint everywhere: sharded weights are
             taken from rank 0, the norms' replicated weights from each rank as they are). A
-            meta-device model works too: `to_empty` it afterwards and load a full state dict
-            (`torch.distributed.checkpoint.state_dict.set_model_state_dict`); `init_weights`
-            after this call runs, but through DTensor's RNG, so not with the single-process values.
+            meta-device model works too: `to_empty` it afterwards, then `init_weights` (each
+            rank keeps its shard of the single-process values) or load a full state dict
+            (`torch.distributed.checkpoint.state_dict.set_model_state_dict`).
             Blocks are taken from `model.layers`; a pipeline stage whose `tok_embeddings`, `norm`
             or `output` was removed (set to None) is fine.
         tp_mesh: the 1-D tensor-parallel mesh, e.g. ``build_mesh(...)["tp"]``. With one rank this
