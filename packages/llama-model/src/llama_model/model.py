@@ -328,7 +328,9 @@ def initial_parameter(
     The draw comes from a generator of `device`'s type seeded by `seed` and `name` alone, so it
     does not depend on which other parameters a process holds: that is what lets a sharded or
     pipelined model be initialised in place (on the meta device first, then shard by shard) and
-    start from exactly the weights of a single-process run on the same device type.
+    start from exactly the weights of a single-process run on the same device type (on CUDA, the
+    same GPU model: torch's random kernels size their grid by the number of SMs, and the values
+    follow the grid).
     """
     match = _PARAMETER_NAME.fullmatch(name)
     if match is None:
