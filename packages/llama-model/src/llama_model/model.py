@@ -377,31 +377,15 @@ def init_parameters(
             )
         for prefix in _WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
-        if distributed and isinstance(param, DTensor):  # keep this rank's shard of the full value
-            local = param.to_local()
-            full = initial_parameter(
-                config,
-                name,
-                param.shape,
-                seed=seed,
-                std=std,
-                dtype=param.dtype,
-                device=local.device,
-            )
+        sharded = param if distributed and isinstance(param, DTensor) else None
+        local = sharded.to_local() if sharded is not None else param
+        value = initial_parameter(
+            config, name, param.shape, seed=seed, std=std, dtype=param.dtype, device=local.device
+        )
+        if sharded is not None:  # keep this rank's shard of the full value
             value = distribute_tensor(
-                full, param.device_mesh, param.placements, src_data_rank=None
+                value, sharded.device_mesh, sharded.placements, src_data_rank=None
             ).to_local()
-        else:
-            local = param
-            value = initial_parameter(
-                config,
-                name,
-                param.shape,
-                seed=seed,
-                std=std,
-                dtype=param.dtype,
-                device=param.device,
-            )
         local.copy_(value)
 
 
