@@ -262,9 +262,11 @@ class CheckpointAverage:
         self._done: set[str] = set()
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of entry `key` (from the metadata: nothing is loaded)."""
         return tuple(self._entries[key].size)
 
     def dtype(self, key: str) -> torch.dtype:
+        """The checkpoints' dtype of entry `key`, which `tensor(key)` returns."""
         return self._entries[key].properties.dtype
 
     def _nbytes(self, key: str) -> int:
