@@ -270,7 +270,7 @@ class CheckpointAverage:
         return self._entries[key].properties.dtype
 
     def _nbytes(self, key: str) -> int:
-        return math.prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
+        return math.prod(self.shape(key)) * self.dtype(key).itemsize
 
     def tensor(self, key: str) -> Tensor:
         """The average of `key` over the checkpoints, in their dtype (each key once)."""

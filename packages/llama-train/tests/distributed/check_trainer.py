@@ -30,9 +30,9 @@ def check_initial_weights(trainer: Trainer, name: str) -> None:
     reference = dict(expected.named_parameters())
     seen = 0
     for part in trainer.parts:
-        for param_name, param in part.named_parameters():
+        # FSDP2, TP and pipeline stages keep Llama's parameter names.
+        for key, param in part.named_parameters():
             full = param.full_tensor() if isinstance(param, DTensor) else param
-            key = param_name  # FSDP2, TP and pipeline stages keep Llama's names
             assert torch.equal(full, reference[key]), f"{name}: initial {key} differs"
             seen += 1
     assert seen > 0, name
