@@ -69,7 +69,7 @@ from llama_model import LlamaConfig, count_parameters, document_positions, flops
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loop import summed_cross_entropy
+from llama_train.loss import summed_cross_entropy
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
 

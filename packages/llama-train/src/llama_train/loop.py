@@ -22,7 +22,7 @@ from llama_model import Llama, document_positions
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.schedules import LrSchedule, torch_lr_lambda
 
-__all__ = ["StepMetrics", "language_model_loss", "summed_cross_entropy", "train"]
+__all__ = ["StepMetrics", "language_model_loss", "train"]
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,6 @@ class StepMetrics:
     lr: float
     grad_norm: float
     tokens_per_s: float
-
-
-def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in float32 summed over the non-ignored targets; the parallel
-    trainer divides it by the global batch's target count (every rank, stage and micro-batch)."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 def language_model_loss(model: Llama, batch: Batch) -> torch.Tensor:

@@ -46,7 +46,7 @@ from llama_train.averaging import CheckpointAverage
 from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
 from llama_train.config import SourceConfig, TrainConfig
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
-from llama_train.loop import summed_cross_entropy
+from llama_train.loss import summed_cross_entropy
 from llama_train.metrics import MetricsLogger, memory_stats, model_flops_utilization, peak_flops
 from llama_train.parallel.compose import parallelize
 from llama_train.parallel.context_parallel import shard_batch

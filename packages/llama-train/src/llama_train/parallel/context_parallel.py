@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from llama_model import Llama, document_positions
 from llama_model.model import Attention
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loop import summed_cross_entropy
+from llama_train.loss import summed_cross_entropy
 
 __all__ = [
     "ContextParallelShard",

@@ -45,7 +45,7 @@ from llama_model.model import (
     packed_document_mask,
 )
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loop import summed_cross_entropy
+from llama_train.loss import summed_cross_entropy
 
 if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes 1-2 s to import
     from torch.distributed.pipelining import PipelineStage
