@@ -3,10 +3,12 @@
 Readers for JSONL, Parquet and WARC; HTML-to-text extraction that keeps code and math; URL block
 lists, PII scrubbing, Gopher-style quality rules, a fastText quality classifier, the paper's duplicated-n-gram, dirty-word and
 token-distribution heuristics and fastText language identification; URL, exact, MinHash and line
-deduplication; weighted mixing; token shards for llama-train; and a resumable parallel `Pipeline`.
+deduplication; weighted mixing; token shards for llama-train; a resumable parallel `Pipeline`; and
+the crash-safe writes all of them use (`atomic_write`, `publish_directory`).
 It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
 """
 
+from llama_data._atomic import atomic_write, publish_directory
 from llama_data.dedup import ExactDedup, LineDedup, NearDedup, UrlDedup
 from llama_data.document import Document, Filter, Mapper, Step, StepStats
 from llama_data.extract import HtmlExtractor, extract_text
@@ -71,4 +73,7 @@ __all__ = [
     "TokenShards",
     "WindowStream",
     "write_token_shards",
+    # crash-safe writes
+    "atomic_write",
+    "publish_directory",
 ]

@@ -276,5 +276,5 @@ def _load_marker(part: Path, fingerprint: str) -> dict[str, StepStats] | None:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")

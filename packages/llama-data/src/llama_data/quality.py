@@ -295,7 +295,7 @@ class FastTextClassifier:
         return [(self.labels[i], float(probs[i])) for i in order]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the model to one `.npz` (no pickled objects), atomically: temp file + os.replace."""
+        """Write the model to one `.npz` (no pickled objects), atomically (`atomic_write`)."""
         path = Path(path)
         arrays: dict[str, Any] = {
             "format": np.array(FORMAT_NAME),
@@ -312,7 +312,7 @@ class FastTextClassifier:
         # Words as UTF-8 bytes + offsets: a fixed-width string array would pad every word to the
         # longest (a URL-sized token x 1M words is gigabytes).
         arrays["words_utf8"], arrays["word_offsets"] = _pack_strings(self.words)
-        with atomic_write(path) as f:
+        with atomic_write(path) as temporary, open(temporary, "wb") as f:
             np.savez(f, **arrays)
 
     @classmethod

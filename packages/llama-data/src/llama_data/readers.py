@@ -307,7 +307,7 @@ def write_jsonl(
         raise ValueError(f"write_jsonl: with compress={compress}, path {str(path)!r} must {want}")
     if _compression(path) == "zst":
         raise ValueError(f"write_jsonl writes gzip or plain JSONL, not zstd: {str(path)!r}")
-    with atomic_write(path) as raw:
+    with atomic_write(path) as temporary, open(temporary, "wb") as raw:
         if compress:
             # mtime=0 and no file name in the header: identical input gives identical bytes.
             with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:

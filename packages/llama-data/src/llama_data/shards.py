@@ -19,8 +19,9 @@ attention mask that prevents self-attention between different documents within t
 sequence"). `TokenShards.sample_sequences` packs documents into fixed-length windows with a
 document id per token for exactly that mask.
 
-Writing is atomic: everything goes into a temporary directory next to ``out_dir`` that is renamed
-into place only when complete (DESIGN.md: "a failed write leaves the previous good file in place").
+Writing is atomic: everything goes into a temporary directory next to ``out_dir`` that
+`llama_data._atomic.publish_directory` fsyncs and renames into place only when complete (DESIGN.md:
+"a failed write leaves the previous good file in place").
 llama-data never imports torch: the tokenizer is anything with ``encode`` (see `ShardTokenizer`).
 """
 
@@ -32,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llama_data._atomic import publish_directory
 from llama_data.document import Document
 
 __all__ = [
@@ -323,16 +324,6 @@ def _shard_names(number: int) -> tuple[str, str]:
     return f"shard-{number:05d}.bin", f"shard-{number:05d}.idx.npy"
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 class _ShardWriter:
     """Streams documents into numbered shard files in `directory`, closing one when it is full."""
 
@@ -357,18 +348,15 @@ class _ShardWriter:
         self._offsets.append(self._offsets[-1] + tokens.size)
 
     def close_shard(self) -> None:
-        """Finish the open shard: flush and fsync its tokens, write its offsets."""
+        """Finish the open shard: close its tokens, write its offsets (`publish_directory`
+        fsyncs every file before the dataset appears)."""
         if self._file is None:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         token_file, index_file = _shard_names(len(self.shards))
         with (self.directory / index_file).open("wb") as fh:
             np.save(fh, np.asarray(self._offsets, dtype=OFFSET_DTYPE))
-            fh.flush()
-            os.fsync(fh.fileno())
         self.shards.append(
             ShardInfo(
                 file=token_file,
@@ -396,23 +384,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                 f"out_dir {str(out_dir)!r} exists and is not empty; pass overwrite=True to "
                 "replace it (the old dataset is removed only after the new one is complete)"
             )
-
-
-def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp_dir` to `out_dir`, replacing what is there only at the end."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.rename(tmp_dir, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)  # put the previous dataset back
-        raise
-    shutil.rmtree(old)
 
 
 def _check_mixture(mixture: dict[str, float] | None) -> dict[str, float]:
@@ -458,7 +429,8 @@ def write_token_shards(
     encoder = _Encoder(tokenizer, add_bos=add_bos, add_eos=add_eos)
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    tmp_dir.mkdir()  # with the umask's permissions: a dataset is meant to be shared
     writer = _ShardWriter(tmp_dir, shard_tokens)
     per_source: dict[str, list[int]] = {source: [0, 0] for source in weights}
     try:
@@ -486,17 +458,13 @@ def write_token_shards(
             },
             created_at=datetime.now(UTC),
         )
-        with (tmp_dir / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
-            fh.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private; a dataset is meant to be shared
-        _fsync_path(tmp_dir)
+        (tmp_dir / MANIFEST_FILE).write_text(
+            json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+        )
         _check_out_dir(out_dir, overwrite)  # it may have appeared while we were writing
-        _publish(tmp_dir, out_dir)
+        publish_directory(tmp_dir, out_dir)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    _fsync_path(out_dir.parent)
     return manifest
