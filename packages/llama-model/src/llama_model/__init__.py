@@ -5,10 +5,12 @@ Configs and named sizes, the `Llama` module, KV-cached generation, the tiktoken 
 Models", arXiv 2407.21783, §3.2 and Table 3).
 """
 
+from llama_model.atomic import atomic_write, publish_directory
 from llama_model.cache import KVCache
 from llama_model.chat import ChatFormat, EncodedDialog, Message, ToolCall
 from llama_model.checkpoint import load_checkpoint, save_checkpoint
 from llama_model.config import PRESETS, LlamaConfig, RopeScaling, count_parameters, flops_per_token
+from llama_model.config_errors import format_validation_error
 from llama_model.generate import generate, sample
 from llama_model.model import Llama, document_positions, init_parameters, initial_parameter
 from llama_model.tokenizer import Tokenizer
@@ -20,6 +22,7 @@ __all__ = [
     "RopeScaling",
     "count_parameters",
     "flops_per_token",
+    "format_validation_error",
     # the model
     "Llama",
     "document_positions",
@@ -38,4 +41,7 @@ __all__ = [
     # checkpoints
     "load_checkpoint",
     "save_checkpoint",
+    # crash-safe files
+    "atomic_write",
+    "publish_directory",
 ]
