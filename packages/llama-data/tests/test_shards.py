@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_data.document import Document
-from llama_data.shards import FORMAT_NAME, Manifest, write_token_shards
+from llama_data.shards import FORMAT_NAME, UNKNOWN_TOKENIZER, Manifest, write_token_shards
 from llama_data.token_shards import TokenShards
 
 BOS, EOS = 1, 2
@@ -33,6 +34,8 @@ class SpecialByteTokenizer:
     """llama_model shape: encode(text, *, bos, eos) adds the specials itself (no bos_id attr)."""
 
     vocab_size = 259
+    name = "bytes"
+    sha256 = "0" * 64
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         return [BOS] * bos + ByteTokenizer().encode(text) + [EOS] * eos
@@ -139,10 +142,91 @@ def test_manifest_contents(tmp_path: Path) -> None:
     assert Manifest.model_validate(on_disk) == manifest == TokenShards(tmp_path / "ds").manifest
 
 
-def test_tokenizer_identity_defaults_to_unknown(tmp_path: Path) -> None:
-    """A tokenizer without name/sha256 attributes is recorded as "unknown"."""
+class AnonymousTokenizer:
+    """A plain tokenizer with no name or sha256 attribute."""
+
+    vocab_size, bos_id, eos_id = 259, BOS, EOS
+
+    def encode(self, text: str) -> list[int]:
+        return ByteTokenizer().encode(text)
+
+
+SPEC_SHA256 = hashlib.sha256(b"utf-8 bytes + 3, bos 1, eos 2").hexdigest()
+
+
+def test_tokenizer_without_identity_is_an_error(tmp_path: Path) -> None:
+    """No name/sha256 attributes and no arguments: an error naming both arguments, nothing written."""
+    with pytest.raises(ValueError, match=r"AnonymousTokenizer.*tokenizer_name=.*tokenizer_sha256="):
+        write_token_shards(_docs(["a"]), AnonymousTokenizer(), tmp_path / "ds")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_with_a_name_but_no_sha256_is_an_error(tmp_path: Path) -> None:
+    """A name alone is not an identity: the error asks for tokenizer_sha256 only."""
+
+    class NamedOnly(AnonymousTokenizer):
+        name = "bytes"
+
+    with pytest.raises(ValueError, match="pass tokenizer_sha256=") as info:
+        write_token_shards(_docs(["a"]), NamedOnly(), tmp_path / "ds")
+    assert "tokenizer_name" not in str(info.value)
+
+
+def test_explicit_tokenizer_identity_is_recorded(tmp_path: Path) -> None:
+    """tokenizer_name/tokenizer_sha256 are written to the manifest and read back by TokenShards."""
+    manifest = write_token_shards(
+        _docs(["a"]),
+        AnonymousTokenizer(),
+        tmp_path / "ds",
+        tokenizer_name="bytes+3",
+        tokenizer_sha256=SPEC_SHA256.upper(),
+    )
+    assert (manifest.tokenizer.name, manifest.tokenizer.sha256) == ("bytes+3", SPEC_SHA256)
+    shards = TokenShards(tmp_path / "ds")
+    assert shards.tokenizer == shards.manifest.tokenizer == manifest.tokenizer
+
+
+def test_tokenizer_attributes_are_recorded(tmp_path: Path) -> None:
+    """Without arguments, the tokenizer's own name and sha256 attributes are recorded."""
     manifest = write_token_shards(_docs(["a"]), SpecialByteTokenizer(), tmp_path / "ds")
-    assert (manifest.tokenizer.name, manifest.tokenizer.sha256) == ("unknown", "unknown")
+    assert (manifest.tokenizer.name, manifest.tokenizer.sha256) == ("bytes", "0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "arguments", "message"),
+    [
+        (ByteTokenizer(), {"tokenizer_sha256": "1" * 64}, "contradicts ByteTokenizer.sha256"),
+        (
+            AnonymousTokenizer(),
+            {"tokenizer_name": "bytes+3", "tokenizer_sha256": "not-a-hash"},
+            "'not-a-hash' is not 64 hexadecimal digits",
+        ),
+        (
+            AnonymousTokenizer(),
+            {"tokenizer_name": "unknown", "tokenizer_sha256": SPEC_SHA256},
+            "give the tokenizer's real name",
+        ),
+    ],
+    ids=["contradicting", "malformed", "unknown-name"],
+)
+def test_bad_tokenizer_identity_is_an_error(
+    tmp_path: Path, tokenizer: object, arguments: dict[str, str], message: str
+) -> None:
+    """A sha256 contradicting the tokenizer's, a malformed sha256 or the name "unknown" is refused."""
+    with pytest.raises(ValueError, match=message):
+        write_token_shards(_docs(["a"]), tokenizer, tmp_path / "ds", **arguments)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_old_manifest_with_unknown_tokenizer_still_reads(tmp_path: Path) -> None:
+    """A manifest written before identity was required ("unknown") opens, and says "unknown"."""
+    write_token_shards(_docs(TEXTS), ByteTokenizer(), tmp_path / "ds")
+    _rewrite_manifest(
+        tmp_path / "ds", tokenizer={"name": "unknown", "sha256": "unknown", "vocab_size": 259}
+    )
+    shards = TokenShards(tmp_path / "ds")
+    assert shards.tokenizer.sha256 == UNKNOWN_TOKENIZER and shards.tokenizer.name == "unknown"
+    assert [d.tolist() for d in shards] == [_expected(t) for t in TEXTS]
 
 
 def test_shard_checksums_verify(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
@@ -55,6 +56,7 @@ __all__ = [
     "SourceMixture",
     "SpecialTokenTokenizer",
     "TokenizerInfo",
+    "UNKNOWN_TOKENIZER",
     "write_token_shards",
 ]
 
@@ -66,6 +68,8 @@ MANIFEST_FILE = "manifest.json"
 TOKEN_DTYPE = np.dtype("<u4")  # little-endian uint32 on every machine (DESIGN.md)
 OFFSET_DTYPE = np.dtype("<i8")
 MAX_VOCAB_SIZE = 2**32  # token ids must fit in uint32
+UNKNOWN_TOKENIZER = "unknown"
+"""What manifests written before the tokenizer identity was required say in its place."""
 DEFAULT_SHARD_TOKENS = 2**28  # 1 GiB of uint32 tokens per shard file
 
 
@@ -78,8 +82,9 @@ class ShardTokenizer(Protocol):
 
     When `write_token_shards` is asked for BOS/EOS it adds ``bos_id``/``eos_id`` (attributes the
     tokenizer must then have) unless the ids already start with ``bos_id`` / end with
-    ``eos_id`` (a tokenizer that adds them itself, like Hugging Face's default). Optional
-    ``name`` and ``sha256`` attributes identify it in the manifest.
+    ``eos_id`` (a tokenizer that adds them itself, like Hugging Face's default). Its ``name``
+    and ``sha256`` attributes identify it in the manifest; without them, `write_token_shards`
+    needs ``tokenizer_name=`` and ``tokenizer_sha256=``.
     """
 
     @property
@@ -196,9 +201,58 @@ def _vocab_size(tokenizer: object) -> int:
     return int(value)
 
 
-def _identity(tokenizer: object, attribute: str) -> str:
-    value = getattr(tokenizer, attribute, None)
-    return value if isinstance(value, str) and value else "unknown"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HOW_TO_NAME = (
+    "the sha256 of the tokenizer's model file (hashlib.sha256(path.read_bytes()).hexdigest()), "
+    "or, for a tokenizer defined in code, of a string that defines it"
+)
+
+
+def _tokenizer_identity(tokenizer: object, name: str | None, sha256: str | None) -> tuple[str, str]:
+    """(name, sha256) from the explicit arguments or the tokenizer's attributes; never "unknown".
+
+    llama-train compares the sha256 of every source of a run, so a dataset must say which
+    tokenizer wrote it. An explicit `name` labels the tokenizer; an explicit `sha256` that
+    contradicts the tokenizer's own ``sha256`` attribute is an error.
+    """
+    kind = type(tokenizer).__name__
+    own_name = getattr(tokenizer, "name", None)
+    own_sha256 = getattr(tokenizer, "sha256", None)
+    if sha256 is not None and isinstance(own_sha256, str) and own_sha256.lower() != sha256.lower():
+        raise ValueError(
+            f"tokenizer_sha256={sha256!r} contradicts {kind}.sha256={own_sha256!r}; pass the "
+            "tokenizer that matches, or drop tokenizer_sha256 to record its own"
+        )
+    name = name if name is not None else own_name
+    sha256 = sha256 if sha256 is not None else own_sha256
+    missing = [
+        (argument, attribute)
+        for argument, attribute, value in (
+            ("tokenizer_name", "name", name),
+            ("tokenizer_sha256", "sha256", sha256),
+        )
+        if not (isinstance(value, str) and value.strip())
+    ]
+    if missing:
+        attributes = " and ".join(f"a {attribute} attribute" for _, attribute in missing)
+        arguments = ", ".join(f"{argument}=..." for argument, _ in missing)
+        raise ValueError(
+            f"write_token_shards records which tokenizer wrote the shards (llama-train checks "
+            f"that every source of a run shares one), but {kind} has no {attributes} (found "
+            f"name={own_name!r}, sha256={own_sha256!r}); pass {arguments} ({_HOW_TO_NAME})"
+        )
+    assert isinstance(name, str) and isinstance(sha256, str)  # checked just above
+    if name.strip().lower() == UNKNOWN_TOKENIZER:
+        raise ValueError(
+            f"tokenizer name {name!r} is what old manifests say when they could not tell; "
+            "give the tokenizer's real name (tokenizer_name=...)"
+        )
+    if not _SHA256_HEX.fullmatch(sha256.lower()):
+        raise ValueError(
+            f"tokenizer sha256 {sha256!r} is not 64 hexadecimal digits; pass "
+            f"tokenizer_sha256=... ({_HOW_TO_NAME})"
+        )
+    return name.strip(), sha256.lower()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +262,20 @@ _MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid")
 
 
 class TokenizerInfo(BaseModel):
-    """Which tokenizer produced the tokens; llama-train checks it against the model's."""
+    """Which tokenizer produced the tokens; llama-train checks that the sources of a run agree.
+
+    `write_token_shards` always records a real name and sha256. Manifests written by llama-data
+    before it required them may say "unknown" (`UNKNOWN_TOKENIZER`) in either field: they still
+    read, but their identity cannot be compared.
+    """
 
     model_config = _MODEL_CONFIG
 
     name: str
-    """The tokenizer's name (its ``name`` attribute), or "unknown"."""
+    """The tokenizer's name (e.g. "llama3"): a label for people; compare `sha256`."""
     sha256: str
-    """SHA-256 of the tokenizer's model file (its ``sha256`` attribute), or "unknown"."""
+    """SHA-256 (64 lowercase hex digits) of the tokenizer's model file or definition: the
+    identity two datasets must share to be mixed; "unknown" in old manifests."""
     vocab_size: int = Field(ge=1, le=MAX_VOCAB_SIZE)
     """Number of token ids; every token in the shards is below it."""
 
@@ -406,6 +466,8 @@ def write_token_shards(
     add_eos: bool = True,
     mixture: dict[str, float] | None = None,
     overwrite: bool = False,
+    tokenizer_name: str | None = None,
+    tokenizer_sha256: str | None = None,
 ) -> Manifest:
     """Tokenize `docs` into a token shard directory at `out_dir` and return its manifest.
 
@@ -417,6 +479,11 @@ def write_token_shards(
     `mixture` maps sources to the weights they were sampled with; they are recorded with each
     source's document and token counts.
 
+    The manifest records the tokenizer's identity: `tokenizer_name` and `tokenizer_sha256`, or
+    else the tokenizer's ``name`` and ``sha256`` attributes (``llama_model.Tokenizer`` has both:
+    the sha256 of its model file). With neither, this is an error before anything is written; a
+    tokenizer defined in code can pass the sha256 of a string that defines it.
+
     The dataset is written into a temporary directory beside `out_dir` and renamed into place
     when complete; if anything fails (including `docs` raising), the temporary directory is
     removed and `out_dir` is untouched. An existing non-empty `out_dir` is an error unless
@@ -427,6 +494,7 @@ def write_token_shards(
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     weights = _check_mixture(mixture)
     encoder = _Encoder(tokenizer, add_bos=add_bos, add_eos=add_eos)
+    name, sha256 = _tokenizer_identity(tokenizer, tokenizer_name, tokenizer_sha256)
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
@@ -442,11 +510,7 @@ def write_token_shards(
             counts[1] += tokens.size
         writer.close_shard()
         manifest = Manifest(
-            tokenizer=TokenizerInfo(
-                name=_identity(tokenizer, "name"),
-                sha256=_identity(tokenizer, "sha256"),
-                vocab_size=encoder.vocab_size,
-            ),
+            tokenizer=TokenizerInfo(name=name, sha256=sha256, vocab_size=encoder.vocab_size),
             num_tokens=sum(shard.num_tokens for shard in writer.shards),
             num_documents=sum(shard.num_documents for shard in writer.shards),
             shards=tuple(writer.shards),

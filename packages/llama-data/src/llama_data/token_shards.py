@@ -22,6 +22,7 @@ from llama_data.shards import (
     TOKEN_DTYPE,
     Manifest,
     ShardInfo,
+    TokenizerInfo,
 )
 
 __all__ = ["TokenShards", "WindowStream"]
@@ -77,6 +78,12 @@ class TokenShards:
     def __len__(self) -> int:
         """Number of documents."""
         return self.manifest.num_documents
+
+    @property
+    def tokenizer(self) -> TokenizerInfo:
+        """The tokenizer that wrote the shards (``manifest.tokenizer``): sources mixed in one
+        training run must have equal ``tokenizer.sha256`` ("unknown" in old manifests)."""
+        return self.manifest.tokenizer
 
     @property
     def num_tokens(self) -> int:
