@@ -1,4 +1,4 @@
-"""Packed training batches, the single-process loop, and the llama-demo job."""
+"""Packed training batches and the single-process loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from llama_data import Document, TokenShards, write_token_shards
 from llama_model import Llama, LlamaConfig
 from llama_train.data import IGNORE_INDEX, packed_batches
-from llama_train.demo import main as demo_main
 from llama_train.loop import train
 from llama_train.schedules import LrSchedule
 
@@ -73,31 +72,3 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
     assert history[0].lr == 0.0 and history[5].lr == pytest.approx(3e-3)
     with pytest.raises(ValueError, match="steps"):
         train(model, batches, schedule=schedule, steps=0)
-
-
-def test_llama_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """llama-demo on a small source tree runs every stage: corpus, curation, shards, training,
-    export and generation (a few steps here; the default run trains for minutes)."""
-    corpus = tmp_path / "src"
-    corpus.mkdir()
-    words = "the function returns a list of values that the caller may sort and filter"
-    for i in range(12):
-        body = f'"""Module {i}. {words} {words} {words} {words} {i}."""\n\ndef f():\n    """{words}."""\n'
-        (corpus / f"m{i}.py").write_text(body)
-    code = demo_main([
-        "--out", str(tmp_path / "out"), "--corpus", str(corpus), "--steps", "2",
-        "--batch-size", "1", "--seq-len", "16", "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
-    out = capsys.readouterr().out
-    for stage in (
-        "[1/5] corpus: 12 documents",
-        "[2/5] curation",
-        "[3/5] shards",
-        "[4/5] pretraining: 2 steps",
-        "[5/5] exported",
-    ):
-        assert stage in out, out
-    assert (tmp_path / "out" / "train" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "train" / "metrics.jsonl").read_text().count("\n") == 2
-    assert (tmp_path / "out" / "train" / "loss.png").is_file()

@@ -9,6 +9,10 @@
    progress bar, metrics JSONL/TensorBoard/loss.png, a sharded checkpoint).
 5. Export in the Hugging Face layout (loads in transformers and vLLM), reload, greedy generation.
 Every stage prints what it did. `llama-demo --help` lists the options.
+
+The stages follow "The Llama 3 Herd of Models" (arXiv 2407.21783): curation §3.1, the model §3.2,
+the pretraining recipe §3.4. The demo uses only the libraries' exported names: it is what a user
+writes, and it lives in the umbrella package because it is an application of all of them.
 """
 
 from __future__ import annotations
@@ -36,16 +40,7 @@ from llama_data import (
     write_token_shards,
 )
 from llama_model import Tokenizer, generate, load_checkpoint
-from llama_train.config import (
-    CheckpointConfig,
-    DataConfig,
-    LoggingConfig,
-    ModelConfig,
-    OptimizerConfig,
-    SourceConfig,
-    TrainConfig,
-)
-from llama_train.trainer import Trainer
+from llama_train import TrainConfig, Trainer
 
 __all__ = ["docstring_corpus", "main"]
 
@@ -115,20 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     steps_available = manifest.num_tokens // ((args.seq_len + 1) * args.batch_size)
     steps = max(2, min(args.steps, steps_available))  # one pass over the curated tokens
-    config = TrainConfig(
-        model=ModelConfig(preset="debug"),
-        data=DataConfig(
-            sources=(SourceConfig(path=out / "shards", name="docstrings"),),
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            seed=args.seed,
-        ),
-        optimizer=OptimizerConfig(peak_lr=2e-3, final_lr=2e-4, warmup_steps=max(1, steps // 10)),
-        checkpoint=CheckpointConfig(interval=0, keep_last=1, resume=False),
-        logging=LoggingConfig(progress=not args.no_progress),
-        steps=steps,
-        seed=args.seed,
-        out_dir=out / "train",
+    # The sections as a run.toml would give them (TrainConfig validates each one).
+    config = TrainConfig.model_validate(
+        {
+            "model": {"preset": "debug"},
+            "data": {
+                "sources": [{"path": out / "shards", "name": "docstrings"}],
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "seed": args.seed,
+            },
+            "optimizer": {"peak_lr": 2e-3, "final_lr": 2e-4, "warmup_steps": max(1, steps // 10)},
+            "checkpoint": {"interval": 0, "keep_last": 1, "resume": False},
+            "logging": {"progress": not args.no_progress},
+            "steps": steps,
+            "seed": args.seed,
+            "out_dir": out / "train",
+        }
     )
     shutil.rmtree(out / "train", ignore_errors=True)  # the demo's own output of an earlier run
     trainer = Trainer(config)
