@@ -6,8 +6,11 @@ only kernel-internal reduction order differs).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -326,7 +329,7 @@ def test_failed_save_keeps_previous_checkpoint(
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_make_durable_and_shareable", fail)
+    monkeypatch.setattr(checkpoint, "publish_directory", fail)  # everything written, not published
     model.init_weights(seed=1)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tmp_path / "ckpt")
@@ -412,3 +415,67 @@ def test_save_converts_dtype_on_the_way_out(tmp_path: Path) -> None:
     ):
         assert b.dtype == torch.bfloat16, name
         assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def transformers_complaints() -> Iterator[list[str]]:
+    """Collect what transformers logs at WARNING or above (it logs with `logging`, not
+    `warnings`, and its library logger does not propagate) while turning Python warnings into
+    errors; the list is filled when the block ends."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # a message logged once by an earlier test shows again
+    library = logging.getLogger("transformers")
+    handler, level = _Collect(), library.level
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)  # whatever TRANSFORMERS_VERBOSITY says
+    complaints: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield complaints
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+        complaints.extend(record.getMessage() for record in handler.records)
+
+
+def test_export_loads_in_transformers_without_warnings(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """An export with the real tokenizer loads through AutoConfig, AutoTokenizer and
+    AutoModelForCausalLM with no warning raised or logged, and still tokenizes and computes like
+    ours; without `transformers_version` in config.json the same tokenizer load logs the Mistral
+    "incorrect regex pattern" warning (the cause, and proof that the capture sees it)."""
+    # Llama 3.1's context length: transformers also warns when llama3 RoPE scaling's original
+    # context (8192) is not below max_position_embeddings, as in the `debug` preset's 2048.
+    config = LlamaConfig.from_preset(
+        "debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=131_072
+    )
+    model = Llama(config).eval()
+    model.init_weights(seed=0)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    assert json.loads((ckpt / "config.json").read_text())["transformers_version"] == "4.43.2"
+
+    with transformers_complaints() as complaints:
+        transformers.AutoConfig.from_pretrained(ckpt)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    assert complaints == []
+    text = "Crash-safe exports, 128K tokens!"
+    assert hf_tokenizer.encode(text) == tokenizer.encode(text, bos=True, eos=False)
+    assert_same_logits(model, hf)
+
+    hf_config = json.loads((ckpt / "config.json").read_text())
+    del hf_config["transformers_version"]
+    (ckpt / "config.json").write_text(json.dumps(hf_config))
+    with transformers_complaints() as complaints:
+        transformers.AutoTokenizer.from_pretrained(ckpt)
+    assert len(complaints) == 1 and "incorrect regex pattern" in complaints[0]

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llama_model._io import atomic_write_json, atomic_write_text
+from llama_model.atomic import atomic_write
 from llama_model.chat import CHAT_TEMPLATE
 from llama_model.tokenizer import Tokenizer
 
@@ -187,10 +187,15 @@ def write_hf_tokenizer(
         "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": CHAT_TEMPLATE,
     }
-    # tokenizer.json is large (~9 MB) and read by machines: compact JSON, as UTF-8 text.
-    tokenizer_json = json.dumps(_tokenizer_json(tokenizer), ensure_ascii=False)
-    return [
-        atomic_write_text(out / "tokenizer.json", tokenizer_json),
-        atomic_write_json(out / "tokenizer_config.json", config),
-        atomic_write_json(out / "special_tokens_map.json", special),
-    ]
+    files = {
+        # tokenizer.json is large (~9 MB) and read by machines: compact JSON.
+        "tokenizer.json": json.dumps(_tokenizer_json(tokenizer), ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False) + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        with atomic_write(out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        written.append(out / name)
+    return written

@@ -9,7 +9,8 @@ The Hugging Face layout is written (the interchange format of DESIGN.md): `confi
 `generation_config.json`, safetensors weights (sharded with an index above `max_shard_size`) and,
 given a tokenizer, `tokenizer.json` and `tokenizer_config.json` with the chat template, so that
 `transformers` and vLLM load the directory as it is. A save is staged in a temporary directory and
-moved into place only when complete, so a crash never leaves a half-written checkpoint behind.
+moved into place only when complete (`llama_model.atomic.publish_directory`), so a crash never
+leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama_model._io import atomic_write_json
+from llama_model.atomic import publish_directory
 from llama_model.config import LlamaConfig, RopeScaling
 from llama_model.model import Llama
 from llama_model.tokenizer import llama3_special_tokens
@@ -71,6 +72,17 @@ _LLAMA3_VOCAB = 128_256
 _LLAMA3_SPECIAL = {name: 128_000 + i for i, name in enumerate(llama3_special_tokens())}
 _LLAMA3_BOS = _LLAMA3_SPECIAL["<|begin_of_text|>"]
 _LLAMA3_STOPS = [_LLAMA3_SPECIAL[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+
+# `transformers_version` written into config.json and generation_config.json: the release whose
+# layout these files follow. Our keys (`rope_theta`, `rope_scaling` with rope_type "llama3",
+# `torch_dtype`) are transformers 4.43's LlamaConfig, the release that added Llama 3.1's RoPE
+# scaling; 4.43.2 is the one Hugging Face's Llama 3.1 post recommends (RoPE fix in 4.43.1), and
+# transformers 5 reads the same keys. A fixed constant, not the installed version: llama-model does
+# not depend on transformers, and the files must not change with what happens to be installed.
+# transformers 5 needs the field: without it, `_patch_mistral_regex` (tokenization_utils_tokenizers
+# .py) takes any local config.json for a Mistral checkpoint saved before its regex fix and warns
+# that the tokenizer has "an incorrect regex pattern".
+_TRANSFORMERS_VERSION = "4.43.2"
 
 
 def to_hf_name(name: str) -> str:
@@ -197,6 +209,7 @@ def config_to_hf(
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        "transformers_version": _TRANSFORMERS_VERSION,
     }
 
 
@@ -398,12 +411,13 @@ def save_checkpoint(
     else:
         bos, eos = None, None
 
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    )
+    # Made with the permissions the umask gives (not tempfile.mkdtemp's private 0o700), so the
+    # published checkpoint is as readable as a directory made in place.
+    staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    staging.mkdir()
     try:
         _write_weights(state, staging, max_shard_size, weight_dtype)
-        atomic_write_json(
+        _write_json(
             staging / "config.json",
             config_to_hf(model.config, dtype=weight_dtype, bos_token_id=bos, eos_token_id=eos),
         )
@@ -413,14 +427,14 @@ def save_checkpoint(
             "do_sample": True,
             "temperature": 0.6,
             "top_p": 0.9,
+            "transformers_version": _TRANSFORMERS_VERSION,
         }  # Meta's defaults for Llama 3.1 Instruct
-        atomic_write_json(staging / "generation_config.json", generation)
+        _write_json(staging / "generation_config.json", generation)
         if tokenizer is not None:
             from llama_model._hf_tokenizer import write_hf_tokenizer
 
             write_hf_tokenizer(tokenizer, staging, model_max_length=model.config.max_seq_len)
-        _make_durable_and_shareable(staging)
-        _swap_into_place(staging, target)
+        publish_directory(staging, target)  # fsyncs every file, then renames it into place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -488,47 +502,13 @@ def _write_weights(
         save_file(materialise(names), directory / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
     total = sum(t.numel() * itemsize for t in state.values())
-    atomic_write_json(
+    _write_json(
         directory / "model.safetensors.index.json",
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
 
 
-def _make_durable_and_shareable(directory: Path) -> None:
-    """fsync every file and the directory (so the swap never exposes unwritten data), and give
-    them the permissions the umask allows (temporary files are created private to the user)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.iterdir():
-        os.chmod(file, 0o666 & ~umask)
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    os.chmod(directory, 0o777 & ~umask)
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` by the complete `staging` directory; the old one is removed last, and put
-    back if the new one cannot be moved in."""
-    if not target.exists():
-        os.replace(staging, target)
-        _fsync_directory(target.parent)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    backup.rmdir()
-    os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    _fsync_directory(target.parent)
-    shutil.rmtree(backup, ignore_errors=True)
+def _write_json(path: Path, obj: Any) -> None:
+    """Indented UTF-8 JSON with a trailing newline. Only for files inside the staging directory:
+    `publish_directory` makes the whole directory durable and visible at once."""
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
