@@ -2,20 +2,29 @@
 
 Precedence is CLI overrides > TOML file > defaults; unknown keys and inconsistent fields are
 errors whose message names the field. The 405B recipe is checked against the numbers of §3.4.1 of
-the Llama 3 paper, written out by hand here (never computed by the code under test).
+the Llama 3 paper, written out by hand here (never computed by the code under test). Every field a
+config file can set has a docstring, read here from the source with `ast` (independently of
+pydantic's own extraction, which is checked against it).
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
+import textwrap
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+import llama_train.config
+from llama_model import LlamaConfig, RopeScaling
 from llama_train.cli import main
-from llama_train.config import SourceConfig, TrainConfig
+from llama_train.config import ModelConfig, SourceConfig, TrainConfig
+from llama_train.schedules import BatchStage
 
 M = 2**20  # the paper's batch sizes are binary: "4M tokens" = 1,024 sequences of 4,096 tokens
 
@@ -219,6 +228,109 @@ def test_override_below_a_value_is_rejected(tmp_path: Path) -> None:
         TrainConfig.load(path, ["steps.x=1"])
 
 
+def test_override_without_value_names_the_key() -> None:
+    """`optimizer.peak_lr` without `=` is an error naming the key and showing how to write it."""
+    with pytest.raises(ValueError) as info:
+        TrainConfig.load(None, ["optimizer.peak_lr"])
+    assert str(info.value).startswith("optimizer.peak_lr: no value;")
+    assert "write optimizer.peak_lr=<value>" in str(info.value)
+
+
+# ---------------------------------------------------------------- docstrings
+
+
+def _attribute_docstrings(cls: type[BaseModel]) -> dict[str, str]:
+    """Field name -> the string literal right below its annotation in `cls`'s own source."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(node, ast.ClassDef)
+    found: dict[str, str] = {}
+    for statement, after in zip(node.body, node.body[1:], strict=False):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found[statement.target.id] = inspect.cleandoc(after.value.value)
+    return found
+
+
+def _undocumented(cls: type[BaseModel]) -> list[str]:
+    documented = _attribute_docstrings(cls)
+    return [name for name in cls.model_fields if not documented.get(name, "").strip()]
+
+
+def _sections() -> list[type[BaseModel]]:
+    """Every model `llama_train.config` defines that a TrainConfig's TOML reaches."""
+    seen: list[type[BaseModel]] = []
+    todo: list[Any] = [TrainConfig]
+    while todo:
+        annotation = todo.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen and annotation.__module__ == llama_train.config.__name__:
+                seen.append(annotation)
+                todo.extend(f.annotation for f in annotation.model_fields.values())
+        else:
+            todo.extend(get_args(annotation))
+    return seen
+
+
+def test_every_section_is_found() -> None:
+    """The walk over TrainConfig's annotations finds each exported section (so the docstring test
+    below covers them all)."""
+    expected = {getattr(llama_train.config, name) for name in llama_train.config.__all__}
+    assert set(_sections()) == expected
+
+
+@pytest.mark.parametrize("section", _sections(), ids=lambda s: s.__name__)
+def test_every_train_config_field_has_a_docstring(section: type[BaseModel]) -> None:
+    """Each field of each TrainConfig section has an attribute docstring, and pydantic exposes it
+    as the field's description (use_attribute_docstrings), e.g. in the JSON schema."""
+    assert _undocumented(section) == []
+    for name, docstring in _attribute_docstrings(section).items():
+        assert section.model_fields[name].description == docstring, name
+
+
+@pytest.mark.parametrize("config", [LlamaConfig, RopeScaling, BatchStage], ids=lambda c: c.__name__)
+def test_configs_reached_from_a_train_config_are_documented(config: type[BaseModel]) -> None:
+    """The models a TrainConfig's TOML reaches outside this module (`model.overrides` sets
+    LlamaConfig fields, `data.ramp` holds BatchStages) document every field too."""
+    assert _undocumented(config) == []
+
+
+def test_undocumented_field_is_detected() -> None:
+    """Negative control: a field without a docstring is reported by name."""
+
+    class Partly(BaseModel):
+        documented: int = 1
+        """Has one."""
+        bare: int = 2
+
+    assert _undocumented(Partly) == ["bare"]
+
+
+# ---------------------------------------------------------------- the attention kernel
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dense", "flex"])
+def test_attention_kernel_accepts_its_three_values(kernel: str) -> None:
+    """`model.attention_kernel` takes "auto", "dense" and "flex", from an override or a file."""
+    config = TrainConfig.load(None, [f'model.attention_kernel="{kernel}"'])
+    assert config.model.attention_kernel == kernel
+
+
+def test_attention_kernel_defaults_to_auto_and_rejects_others() -> None:
+    """The default is "auto"; any other name (the old environment variable's "sdpa") is rejected
+    naming the key and the valid values."""
+    assert ModelConfig().attention_kernel == "auto"
+    assert TrainConfig().model.attention_kernel == "auto"
+    with pytest.raises(ValidationError) as info:
+        TrainConfig.load(None, ['model.attention_kernel="sdpa"'])
+    assert "model.attention_kernel" in str(info.value)
+    assert "'auto', 'dense' or 'flex'" in str(info.value)
+
+
 # ---------------------------------------------------------------- cross-field validation
 
 
@@ -411,6 +523,83 @@ def test_cli_invalid_config_exits_2_naming_the_field(
     assert captured.out == ""
     assert "llama-train: invalid configuration" in captured.err
     assert named in captured.err
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The lines `llama-train` prints for an invalid config, after checking exit code and header."""
+    assert main([*argv, "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    header, *lines = captured.err.splitlines()
+    assert header == "llama-train: invalid configuration:"
+    for noise in ("pydantic.dev", "[type=", "Extra inputs are not permitted", "Value error,"):
+        assert noise not in captured.err
+    return lines
+
+
+def test_cli_unknown_key_suggests_and_lists_valid_keys(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`optimizer.lr=-1` names the key, suggests peak_lr and lists the optimizer's keys, without
+    pydantic's URL."""
+    assert _cli_error(["optimizer.lr=-1"], capsys) == [
+        "  optimizer.lr: unknown key; did you mean 'peak_lr'? valid keys: peak_lr, final_lr, "
+        "warmup_steps, betas, eps, weight_decay, max_grad_norm"
+    ]
+
+
+def test_cli_unknown_section_suggests_the_section(capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt section is suggested among the top-level keys, which are listed."""
+    (line,) = _cli_error(["optimiser.peak_lr=1e-3"], capsys)
+    assert line.startswith("  optimiser: unknown key; did you mean 'optimizer'? valid keys: model,")
+    assert line.endswith(", compile, export")
+
+
+def test_cli_bad_value_names_key_and_value(capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative learning rate names the key, the value and the bound."""
+    assert _cli_error(["optimizer.peak_lr=-1"], capsys) == [
+        "  optimizer.peak_lr = -1: must be greater than 0"
+    ]
+
+
+def test_cli_unknown_key_in_a_source_is_named_by_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt key in the second [[data.sources]] table of a file: `data.sources[1].paht`."""
+    path = _write(tmp_path, '[[data.sources]]\npath = "a"\n[[data.sources]]\npaht = "b"\n')
+    assert _cli_error(["--config", str(path)], capsys) == [
+        "  data.sources[1].path: missing; this key is required",
+        "  data.sources[1].paht: unknown key; did you mean 'path'? valid keys: path, weight, name",
+    ]
+
+
+def test_cli_our_validator_message_passes_through(capsys: pytest.CaptureFixture[str]) -> None:
+    """A cross-field error keeps TrainConfig's own message, which names the fields."""
+    assert _cli_error(["steps=10", "optimizer.warmup_steps=10"], capsys) == [
+        "  optimizer.warmup_steps (10) must be smaller than steps - anneal.steps (10 - 0): "
+        "warmup and the cosine decay come before annealing"
+    ]
+
+
+def test_cli_unknown_model_override_lists_llama_config_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unknown LlamaConfig field in model.overrides is named where the user wrote it, with
+    LlamaConfig's fields as the valid keys."""
+    fields = ", ".join(LlamaConfig.model_fields)
+    assert _cli_error(["model.overrides.n_layerz=2"], capsys) == [
+        f"  model.overrides.n_layerz: unknown key; did you mean 'n_layers'? valid keys: {fields}"
+    ]
+    with pytest.raises(ValidationError, match=r"model\.overrides\.n_layerz: unknown key"):
+        TrainConfig.load(None, ["model.overrides.n_layerz=2"])
+
+
+def test_cli_override_without_value(capsys: pytest.CaptureFixture[str]) -> None:
+    """An override without `=` is reported in the same form: the key, then what to write."""
+    assert _cli_error(["optimizer.peak_lr"], capsys) == [
+        "  optimizer.peak_lr: no value; an override must look like section.key=value "
+        "(a TOML value): write optimizer.peak_lr=<value>"
+    ]
 
 
 def test_cli_missing_config_file_exits_2(

@@ -5,7 +5,9 @@
     torchrun --nproc-per-node 8 -m llama_train.cli --config run.toml parallel.tp=2
 
 Overrides are ``section.key=value`` with TOML values; they win over the file, which wins over the
-defaults. `--print-config` shows the resolved config and exits.
+defaults. `--print-config` shows the resolved config and exits. An invalid config exits with code 2
+and one line per problem (`llama_model.format_validation_error`): the key, the offending value, and
+for an unknown key the closest valid one and the valid keys of its section.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from llama_model import format_validation_error
 from llama_train.config import TrainConfig, config_as_toml_dict
 
 __all__ = ["main"]
@@ -35,9 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = TrainConfig.load(args.config, args.overrides)
-    except (ValidationError, ValueError, OSError) as error:
-        print(f"llama-train: invalid configuration:\n{error}", file=sys.stderr)
-        return 2
+    except ValidationError as error:
+        return _invalid(format_validation_error(error, TrainConfig))
+    except tomllib.TOMLDecodeError as error:
+        return _invalid(f"  {args.config}: not valid TOML: {error}")
+    except OSError as error:
+        return _invalid(f"  {error.filename or args.config}: {error.strerror or error}")
+    except ValueError as error:  # an override that is not key=value: TrainConfig.load says which
+        return _invalid(textwrap.indent(str(error), "  "))
     if args.print_config:
         print(json.dumps(config_as_toml_dict(config), indent=2))
         return 0
@@ -62,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"model: {result.exported}"
         )
     return 0
+
+
+def _invalid(lines: str) -> int:
+    """Report a rejected config on stderr; exit code 2, like argparse's usage errors."""
+    print(f"llama-train: invalid configuration:\n{lines}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
