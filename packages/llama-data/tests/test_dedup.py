@@ -13,9 +13,12 @@ from llama_data.dedup import (
     ExactDedup,
     LineDedup,
     NearDedup,
+    NearDedupConfig,
     UrlDedup,
+    jaccard,
     near_duplicate_clusters,
     normalize_url,
+    shingle_set,
 )
 from llama_data.document import Document, StepStats
 from llama_data.minhash import MinHasher
@@ -129,36 +132,52 @@ def test_lsh_candidates_recall(
     assert recall >= 0.95, f"recall {recall:.3f}, precision {precision:.3f}, {len(similar)} pairs"
 
 
-def _clusters_against_truth(docs: list[Document], threshold: float) -> tuple[float, float]:
-    """Pair recall and precision of NearDedup's clusters against exact-Jaccard components."""
+def _clusters_against_truth(
+    docs: list[Document], threshold: float, *, exact: bool
+) -> tuple[float, float]:
+    """Pair recall and precision of NearDedup's clusters (exact or estimated confirmation)
+    against the components of exact-Jaccard pairs (Python sets of shingle bytes)."""
     hasher = MinHasher()
-    found = _co_clustered(
-        near_duplicate_clusters(hasher.signatures([d.text for d in docs]), NearDedup().index)
-    )
+    signatures = hasher.signatures([d.text for d in docs])
+    sets = {i: shingle_set(hasher, doc.text) for i, doc in enumerate(docs)} if exact else None
+    found = _co_clustered(near_duplicate_clusters(signatures, NearDedup().index, sets))
     truth = _co_clustered(_components(len(docs), _exact_similar_pairs(docs, hasher, threshold)[0]))
     return len(found & truth) / len(truth), len(found & truth) / len(found)
 
 
-def test_near_dedup_clusters_match_exact_jaccard_clusters(
+def test_exact_confirmation_reproduces_exact_jaccard_clusters(
     planted: tuple[list[Document], set[tuple[int, int]], list[float]],
 ) -> None:
-    """Verified clusters agree with the components of exact Jaccard >= 0.8 (pair recall, precision >= 0.85)."""
+    """With exact confirmation, clusters are the exact-Jaccard >= 0.8 components (R, P = 1)."""
     docs, _, _ = planted
-    recall, precision = _clusters_against_truth(docs, THRESHOLD)
+    recall, precision = _clusters_against_truth(docs, THRESHOLD, exact=True)
+    # Precision is 1 by construction (every confirmed edge is a true pair); recall is bounded by
+    # the LSH candidates alone (16 x 8 bands: recall 1.000 on this set, see above).
+    assert (recall, precision) == (1.0, 1.0)
+
+
+def test_estimated_confirmation_clusters_approximate_exact_jaccard_clusters(
+    planted: tuple[list[Document], set[tuple[int, int]], list[float]],
+) -> None:
+    """Estimate-confirmed clusters agree with the exact-Jaccard >= 0.8 components only roughly
+    (pair recall, precision >= 0.85, not 1): why exact confirmation is the default."""
+    docs, _, _ = planted
+    recall, precision = _clusters_against_truth(docs, THRESHOLD, exact=False)
     # Measured (seed 0): recall 0.938, precision 0.883 (seeds 1-4: R 0.85-0.92, P 0.83-0.90). The
     # misses are inherent to 128 permutations: the estimate's standard error at 0.8 is 0.035, and
     # a third of the planted pairs above 0.8 lie within 0.05 of it. See the margin test below.
     assert recall >= 0.85, f"recall {recall:.3f}, precision {precision:.3f}"
     assert precision >= 0.85, f"recall {recall:.3f}, precision {precision:.3f}"
+    assert (recall, precision) != (1.0, 1.0)
 
 
-def test_near_dedup_clusters_outside_the_estimation_margin(
+def test_estimated_confirmation_outside_the_estimation_margin(
     planted: tuple[list[Document], set[tuple[int, int]], list[float]],
 ) -> None:
-    """Pairs joined at exact Jaccard >= 0.85 are found (>= 95%); merges beyond 0.75 components are rare (<= 5%)."""
+    """Estimate-confirmed: pairs at exact Jaccard >= 0.85 are found (>= 95%); merges beyond 0.75 components are rare (<= 5%)."""
     docs, _, _ = planted
-    recall_high, _ = _clusters_against_truth(docs, THRESHOLD + 0.05)
-    _, precision_low = _clusters_against_truth(docs, THRESHOLD - 0.05)
+    recall_high, _ = _clusters_against_truth(docs, THRESHOLD + 0.05, exact=False)
+    _, precision_low = _clusters_against_truth(docs, THRESHOLD - 0.05, exact=False)
     # Measured (seed 0): recall at 0.85 is 0.987, precision against 0.75 is 0.992.
     assert recall_high >= 0.95, f"recall vs Jaccard >= 0.85 components: {recall_high:.3f}"
     assert precision_low >= 0.95, f"precision vs Jaccard >= 0.75 components: {precision_low:.3f}"
@@ -171,8 +190,10 @@ def test_near_dedup_keeps_one_smallest_id_per_cluster(
     docs, _, _ = planted
     stats = StepStats()
     kept = list(NearDedup().run(docs, stats))
-    signatures = MinHasher().signatures([doc.text for doc in docs])
-    labels = near_duplicate_clusters(signatures, NearDedup().index)
+    hasher = MinHasher()
+    signatures = hasher.signatures([doc.text for doc in docs])
+    sets = {i: shingle_set(hasher, doc.text) for i, doc in enumerate(docs)}
+    labels = near_duplicate_clusters(signatures, NearDedup().index, sets)
     smallest: dict[int, str] = {}
     for doc, label in zip(docs, labels, strict=True):
         smallest[label] = min(smallest.get(label, doc.id), doc.id)
@@ -184,7 +205,7 @@ def test_near_dedup_keeps_one_smallest_id_per_cluster(
 def test_near_dedup_survivors_do_not_depend_on_input_order(
     planted: tuple[list[Document], set[tuple[int, int]], list[float]],
 ) -> None:
-    """Shuffling the input (list or one-shot generator) leaves the same survivors."""
+    """Shuffling the input (list, or one-shot generator spooled to disk or memory) leaves the same survivors."""
     docs, _, _ = planted
     expected = {doc.id for doc in NearDedup().run(docs, StepStats())}
     for seed in range(3):
@@ -192,6 +213,8 @@ def test_near_dedup_survivors_do_not_depend_on_input_order(
         random.Random(seed).shuffle(shuffled)
         as_generator: Iterator[Document] = (doc for doc in shuffled)
         assert {doc.id for doc in NearDedup().run(as_generator, StepStats())} == expected
+    in_memory = NearDedup(NearDedupConfig(spool_to_disk=False))  # replayed from a list
+    assert {doc.id for doc in in_memory.run(iter(docs), StepStats())} == expected
 
 
 def test_near_dedup_keeps_input_order_and_wordless_documents() -> None:
@@ -207,6 +230,109 @@ def test_near_dedup_keeps_input_order_and_wordless_documents() -> None:
     stats = StepStats()
     assert [doc.id for doc in NearDedup().run(docs, stats)] == ["e1", "a", "e2", "m"]
     assert stats.dropped["near_duplicate"] == 1
+
+
+# ---------------------------------------------------------------- confirmation at the threshold
+
+
+def _shifted_pair(rng: random.Random, shingles: int, shift: int, name: str) -> list[Document]:
+    """Two documents of distinct random words, the second the first shifted by `shift` words.
+
+    Every word is distinct, so each has `shingles` distinct 5-gram shingles, `shingles - shift`
+    of them shared: Jaccard (m - k) / (m + k) for m = shingles, k = shift, by construction.
+    """
+    words = [f"{name}w{i}x{rng.randrange(10**9)}" for i in range(shingles + 4 + shift)]
+    first = " ".join(words[: shingles + 4])
+    second = " ".join(words[shift:])
+    return [Document(id=f"{name}a", text=first), Document(id=f"{name}b", text=second)]
+
+
+NEAR_BELOW = (400, 50)  # Jaccard 350/450 = 0.778
+NEAR_ABOVE = (400, 39)  # Jaccard 361/439 = 0.822
+
+
+@pytest.fixture(scope="module")
+def near_threshold_pairs() -> list[Document]:
+    """30 pairs at exact Jaccard 0.778 (ids "lo..") and 30 at 0.822 (ids "hi.."), unrelated."""
+    rng = random.Random(11)
+    docs: list[Document] = []
+    for i in range(30):
+        docs += _shifted_pair(rng, *NEAR_BELOW, name=f"lo{i:02d}")
+        docs += _shifted_pair(rng, *NEAR_ABOVE, name=f"hi{i:02d}")
+    return docs
+
+
+def test_shifted_pairs_have_the_constructed_jaccard(near_threshold_pairs: list[Document]) -> None:
+    """The oracle: Python sets of shingle bytes give 350/450 and 361/439, and so does `jaccard`."""
+    hasher = MinHasher()
+    for first, second in zip(near_threshold_pairs[::2], near_threshold_pairs[1::2], strict=True):
+        a, b = set(hasher.shingles(first.text)), set(hasher.shingles(second.text))
+        expected = 350 / 450 if first.id.startswith("lo") else 361 / 439
+        assert len(a & b) / len(a | b) == expected
+        assert (
+            jaccard(shingle_set(hasher, first.text), shingle_set(hasher, second.text)) == expected
+        )
+
+
+def _near_dedup_survivors(docs: list[Document], config: NearDedupConfig) -> set[str]:
+    return {doc.id for doc in NearDedup(config).run(docs, StepStats())}
+
+
+# 32 bands x 4 rows make every one of these pairs a candidate (miss probability < 1e-6 at 0.778),
+# so the outcome depends on confirmation alone.
+ALL_CANDIDATES = {"bands": 32, "rows": 4}
+
+
+def test_exact_confirmation_splits_pairs_at_the_threshold(
+    near_threshold_pairs: list[Document],
+) -> None:
+    """Exact confirmation (the default) merges every pair at 0.822 and none at 0.778."""
+    survivors = _near_dedup_survivors(near_threshold_pairs, NearDedupConfig(**ALL_CANDIDATES))
+    expected = {d.id for d in near_threshold_pairs if d.id.startswith("lo") or d.id.endswith("a")}
+    assert survivors == expected
+    assert NearDedupConfig().confirm == "exact"
+
+
+def test_estimated_confirmation_gets_pairs_at_the_threshold_wrong(
+    near_threshold_pairs: list[Document],
+) -> None:
+    """Negative control: the 128-permutation estimate merges some pairs at 0.778 and misses some
+    at 0.822 on the same documents (so the test above can fail)."""
+    config = NearDedupConfig(confirm="estimate", **ALL_CANDIDATES)
+    survivors = _near_dedup_survivors(near_threshold_pairs, config)
+    merged_below = {d.id for d in near_threshold_pairs if d.id.startswith("lo")} - survivors
+    kept_above = {d.id for d in near_threshold_pairs if d.id.startswith("hi")} & survivors
+    missed_above = {i for i in kept_above if i.endswith("b")}
+    # Measured: 9 of 30 pairs at 0.778 merged, 7 of 30 at 0.822 missed (the estimate's standard
+    # error is 0.035, so ~27% of pairs 0.022 from the threshold fall on the wrong side); the
+    # default 16 x 8 banding gives the same counts.
+    assert merged_below and missed_above, (len(merged_below), len(missed_above))
+
+
+def test_near_dedup_config_errors_name_the_fields() -> None:
+    """bands without rows, or bands * rows > num_perm, are refused naming the values."""
+    with pytest.raises(ValueError, match="give both bands and rows"):
+        NearDedupConfig(bands=4)
+    with pytest.raises(ValueError, match=r"bands \* rows = 20 \* 8 exceeds num_perm=128"):
+        NearDedupConfig(bands=20, rows=8)
+    with pytest.raises(ValueError, match="confirm"):
+        NearDedupConfig(confirm="maybe")  # type: ignore[arg-type]
+
+
+def test_near_dedup_builds_hasher_and_index_from_its_config() -> None:
+    """Every config field reaches the hasher or the index; the default banding is 16 x 8."""
+    default = NearDedup()
+    assert (default.index.bands, default.index.rows, default.index.threshold) == (16, 8, 0.8)
+    step = NearDedup(
+        NearDedupConfig(
+            threshold=0.7, num_perm=64, ngram=3, seed=7, scheme="legacy", shingle_hash="xxh3",
+            bands=8, rows=8,
+        )
+    )  # fmt: skip
+    hasher, index = step.hasher, step.index
+    assert (hasher.num_perm, hasher.ngram, hasher.seed) == (64, 3, 7)
+    assert (hasher.scheme, hasher.shingle_hash) == ("legacy", "xxh3")
+    assert (index.threshold, index.num_perm, index.bands, index.rows) == (0.7, 64, 8, 8)
 
 
 # ---------------------------------------------------------------- URL-level
