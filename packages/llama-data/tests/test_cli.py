@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from llama_data.cli import STEP_TYPES, build_step, load_pipeline, main
+from llama_data.cli import STEP_TYPES, PipelineFileError, build_step, load_pipeline, main
+from llama_data.dedup import NearDedup, NearDedupConfig
+from llama_data.document import Document, StepStats
+from llama_data.readers import read_jsonl, write_jsonl
 
 PIPELINE = """
 inputs = ["in/*.jsonl.gz"]
@@ -88,23 +94,126 @@ def test_every_step_type_builds_from_defaults(tmp_path: Path) -> None:
 def test_bad_pipeline_files_are_explained(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Unknown step types list the valid ones; bad options name the table and field; a pattern
-    that matches nothing says so; the command exits 2 with the message."""
+    """Every problem of a file is one line naming the key and its value (unknown keys and step
+    types with the closest valid one and the list), a pattern that matches nothing says so, and
+    the command exits 2 without pydantic's URLs."""
     write_inputs(tmp_path)
     path = tmp_path / "p.toml"
-    path.write_text('inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\n[[steps]]\ntype = "gopher"\n')
-    with pytest.raises(
-        ValueError, match=r"steps\[0\]: unknown step type 'gopher'; valid types: html, "
-    ):
-        load_pipeline(path)
     path.write_text(
-        'inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\n[[steps]]\ntype = "pii"\nemail = 3\n'
+        'inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\n'
+        '[[steps]]\ntype = "gopher"\n'
+        '[[steps]]\ntype = "pii"\nemail = 3\nphones = "maybe"\n'
+        '[[global_steps]]\ntype = "near_dedup"\nconfirm = "exactly"\n'
+        '[[global_steps]]\ntype = "near_dedup"\nbands = 30\nrows = 8\n'
     )
-    with pytest.raises(ValueError, match=r"(?s)steps\[0\] \(type 'pii'\).*email"):
+    with pytest.raises(PipelineFileError) as info:
         load_pipeline(path)
+    assert str(info.value).splitlines() == [
+        "  steps[0].type = 'gopher': unknown step type; did you mean 'gopher_quality'? valid "
+        "step types: " + ", ".join(sorted(STEP_TYPES)),
+        "  steps[1].phones = 'maybe': Input should be a valid boolean, unable to interpret input",
+        "  steps[1].email: unknown key; did you mean 'emails'? valid keys: email_placeholder, "
+        "emails, ip_addresses, ip_placeholder, keep_non_public_ips, phone_placeholder, phones",
+        "  global_steps[0].confirm = 'exactly': Input should be 'exact' or 'estimate'",
+        "  global_steps[1]: bands * rows = 30 * 8 exceeds num_perm=128; lower bands or rows, or "
+        "raise num_perm",
+    ]
     path.write_text('inputs = ["nothing/*.gz"]\nout_dir = "o"\n')
     with pytest.raises(FileNotFoundError, match="matches no file"):
         load_pipeline(path)
-    path.write_text('inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\nworkerz = 2\n')
+    path.write_text('inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\nworkerz = 2\nworkers = 0\n')
     assert main(["run", str(path)]) == 2
-    assert "workerz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "  workerz: unknown key; did you mean 'workers'? valid keys: backend, " in err
+    assert "  workers = 0: Input should be greater than 0" in err
+    assert "pydantic.dev" not in err and "For further information" not in err
+
+
+def test_steps_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """`llama-data steps` shows each type's keys with the defaults the API uses."""
+    assert main(["steps"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(STEP_TYPES)
+    for field in NearDedupConfig.model_fields:
+        assert f"{field}=" in lines["near_dedup"]
+    assert "confirm='exact'" in lines["near_dedup"] and "model (required)" in lines["quality"]
+
+
+# ---------------------------------------------------------------- near_dedup: file == API
+
+
+def _planted_documents(seed: int = 0) -> list[Document]:
+    """120 random 200-word documents; every other one gets two variants with 1 to 14 edits."""
+    rng = random.Random(seed)
+    vocab = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)
+    ]
+    docs = []
+    for base in range(120):
+        words = rng.choices(vocab, k=200)
+        docs.append(Document(id=f"b{base:03d}", text=" ".join(words)))
+        for variant in range(2 if base % 2 == 0 else 0):
+            edited = list(words)
+            for _ in range(rng.randint(1, 14)):
+                position = rng.randrange(len(edited))
+                if rng.random() < 0.7:
+                    edited[position] = rng.choice(vocab)
+                else:
+                    del edited[position]
+            docs.append(Document(id=f"b{base:03d}v{variant}", text=" ".join(edited)))
+    return docs
+
+
+def _run_file(tmp_path: Path, docs: list[Document], table: str) -> list[str]:
+    """Ids `llama-data run` keeps with one global near_dedup step given as `table`."""
+    write_jsonl(docs, tmp_path / "in.jsonl.gz")
+    (tmp_path / "p.toml").write_text(
+        f'inputs = ["in.jsonl.gz"]\nout_dir = "out"\n[[global_steps]]\ntype = "near_dedup"\n{table}'
+    )
+    assert main(["run", str(tmp_path / "p.toml"), "--no-progress"]) == 0
+    return [
+        doc.id for doc in read_jsonl(tmp_path / "out" / "documents.jsonl.gz", stats=StepStats())
+    ]
+
+
+def test_near_dedup_from_a_file_equals_the_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bare `near_dedup` table keeps exactly the documents `NearDedup()` keeps; the step the
+    file builds has the API's config; datasketch's equal band weights (the old CLI) differ."""
+    docs = _planted_documents()
+    from_api = [doc.id for doc in NearDedup().run(docs, StepStats())]
+    from_file = _run_file(tmp_path, docs, "")
+    stats = json.loads(capsys.readouterr().out)["near_dedup"]
+    assert from_file == from_api
+    assert stats["dropped"] == {"near_duplicate": len(docs) - len(from_api)} and from_api != [
+        d.id for d in docs
+    ]
+    step = build_step({"type": "near_dedup"}, tmp_path, "global_steps[0]")
+    assert isinstance(step, NearDedup) and step.config == NearDedup().config
+    assert STEP_TYPES["near_dedup"].options is NearDedupConfig  # one place for the defaults
+    # Negative control: the old CLI's index (equal weights: 9 x 13) keeps other documents here.
+    equal = NearDedupConfig(false_positive_weight=0.5, false_negative_weight=0.5)
+    assert (NearDedup(equal).index.bands, NearDedup(equal).index.rows) == (9, 13)
+    assert [doc.id for doc in NearDedup(equal).run(docs, StepStats())] != from_api
+
+
+def test_every_near_dedup_setting_is_read_from_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table setting every NearDedupConfig field builds that config and the API's result."""
+    settings: dict[str, Any] = {
+        "threshold": 0.75, "confirm": "estimate", "num_perm": 64, "ngram": 4, "seed": 3,
+        "scheme": "affine64", "shingle_hash": "xxh3", "bands": 16, "rows": 4,
+        "false_positive_weight": 0.2, "false_negative_weight": 0.8, "batch_size": 7,
+        "spool_to_disk": False,
+    }  # fmt: skip
+    assert set(settings) == set(NearDedupConfig.model_fields)
+    config = NearDedupConfig(**settings)
+    table = "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+    step = build_step(tomllib.loads(f'type = "near_dedup"\n{table}'), tmp_path, "x")
+    assert isinstance(step, NearDedup) and step.config == config
+    docs = _planted_documents(seed=1)
+    from_api = [doc.id for doc in NearDedup(config).run(docs, StepStats())]
+    assert _run_file(tmp_path, docs, table) == from_api
+    capsys.readouterr()

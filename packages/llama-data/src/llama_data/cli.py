@@ -22,11 +22,15 @@ min_score = 0.65
 languages = ["en"]
 
 [[global_steps]]                   # once, over everything
-type = "near_dedup"
+type = "near_dedup"                # every field of llama_data.dedup.NearDedupConfig
 threshold = 0.8
+confirm = "exact"                  # or "estimate" (MinHash estimate, +/-0.035 at 0.8)
 ```
 
-Run `llama-data run pipeline.toml`; `llama-data steps` lists the step types and their options.
+Run `llama-data run pipeline.toml`; `llama-data steps` lists the step types and their options
+with their defaults. Every step's options are a pydantic model with the same defaults the Python
+API uses (a `near_dedup` table builds exactly `NearDedup(NearDedupConfig(**table))`), and a bad
+file is answered with every problem, one line each, naming the key, its value and the valid keys.
 Re-running the same command resumes an interrupted run (see `llama_data.pipeline`).
 """
 
@@ -34,21 +38,33 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import json
 import sys
 import tomllib
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticUndefined
 
-from llama_data.dedup import ExactDedup, LineDedup, NearDedup, UrlDedup
+from llama_data._config_errors import format_validation_error, unknown_name
+from llama_data.dedup import ExactDedup, LineDedup, NearDedup, NearDedupConfig, UrlDedup
 from llama_data.document import Step
 from llama_data.extract import HtmlExtractor
 from llama_data.filters import DirtyWordConfig, DirtyWordFilter, UrlBlocklist
 from llama_data.langid import LanguageFilter, LanguageFilterConfig, LanguageIdentifier
-from llama_data.minhash import LshIndex, MinHasher
 from llama_data.pii import PiiConfig, PiiScrubber
 from llama_data.pipeline import Pipeline
 from llama_data.quality import FastTextClassifier, QualityFilter
@@ -59,13 +75,23 @@ from llama_data.quality_rules import (
     GopherRepetitionFilter,
 )
 
-__all__ = ["STEP_TYPES", "PipelineFile", "build_step", "load_pipeline", "main"]
+__all__ = [
+    "STEP_TYPES",
+    "PipelineFile",
+    "PipelineFileError",
+    "StepType",
+    "build_step",
+    "load_pipeline",
+    "main",
+]
+
+_OPTIONS = ConfigDict(frozen=True, extra="forbid")
 
 
 class PipelineFile(BaseModel):
     """The TOML file's top level."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _OPTIONS
 
     inputs: list[str] = Field(min_length=1)
     """Input files or glob patterns (relative to the TOML file); each match is one unit of work."""
@@ -81,111 +107,205 @@ class PipelineFile(BaseModel):
     """Steps over the whole corpus (deduplication), in order, after the per-file steps."""
 
 
-def _with_file(
-    make: Callable[[Any], Step], list_key: str
-) -> Callable[[dict[str, Any], Path], Step]:
-    """A builder for steps taking a list or a file of entries (`file` resolves next to the TOML)."""
-
-    def build(options: dict[str, Any], base: Path) -> Step:
-        options = dict(options)
-        file = options.pop("file", None)
-        entries = options.pop(list_key, None)
-        if (file is None) == (entries is None):
-            raise ValueError(f"give exactly one of `file` or `{list_key}`")
-        return make((base / file) if file is not None else entries, **options)
-
-    return build
+class PipelineFileError(ValueError):
+    """A pipeline file that does not describe a pipeline; the message has one line per problem."""
 
 
-def _near_dedup(options: dict[str, Any], base: Path) -> Step:
-    options = dict(options)
-    num_perm = options.pop("num_perm", 128)
-    hasher = MinHasher(
-        num_perm=num_perm, ngram=options.pop("ngram", 5), seed=options.pop("seed", 1)
-    )
-    index = LshIndex(
-        threshold=options.pop("threshold", 0.8),
-        num_perm=num_perm,
-        bands=options.pop("bands", None),
-        rows=options.pop("rows", None),
-    )
-    return NearDedup(hasher, index, **options)
+# ---------------------------------------------------------------------------------------------
+# The options each step type accepts: the step's own config model where it has one (so its
+# defaults are defined once), extended with the file/list entries a table may name.
 
 
-STEP_TYPES: dict[str, tuple[Callable[[dict[str, Any], Path], Step], str]] = {
-    "html": (lambda o, b: HtmlExtractor(**o), "favor, include_tables"),
-    "url_blocklist": (
-        _with_file(lambda domains: UrlBlocklist(domains), "domains"),
-        "file or domains",
+def _exactly_one(file: str | None, entries: list[str] | None, list_key: str) -> None:
+    if (file is None) == (entries is None):
+        raise ValueError(f"give exactly one of `file` or `{list_key}`")
+
+
+class UrlBlocklistOptions(BaseModel):
+    """A `url_blocklist` table."""
+
+    model_config = _OPTIONS
+
+    file: str | None = None
+    """A block list file (one domain a line, '#' comments), relative to the pipeline file."""
+    domains: list[str] | None = None
+    """The domains, inline (instead of `file`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UrlBlocklistOptions:
+        _exactly_one(self.file, self.domains, "domains")
+        return self
+
+
+class DirtyWordsOptions(DirtyWordConfig):
+    """A `dirty_words` table: `DirtyWordConfig` plus where the words come from."""
+
+    file: str | None = None
+    """A word list file (one word or phrase a line), relative to the pipeline file."""
+    words: list[str] | None = None
+    """The words, inline (instead of `file`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DirtyWordsOptions:
+        _exactly_one(self.file, self.words, "words")
+        return self
+
+
+class LanguageOptions(LanguageFilterConfig):
+    """A `language` table: `LanguageFilterConfig` plus an optional language-ID model."""
+
+    model_path: str | None = None
+    """A fastText language-ID model (.ftz/.bin), relative to the pipeline file; default lid.176."""
+
+
+def _signature_options(
+    name: str, step: type[Step], *, skip: tuple[str, ...] = (), **extra: Any
+) -> type[BaseModel]:
+    """An options model from `step`'s keyword parameters: their types and their defaults (so
+    the defaults stay where the constructor defines them), plus `extra` fields."""
+    hints = typing.get_type_hints(step.__init__)
+    fields: dict[str, Any] = dict(extra)
+    for parameter in inspect.signature(step).parameters.values():
+        if parameter.name in skip or parameter.kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            continue
+        default = ... if parameter.default is inspect.Parameter.empty else parameter.default
+        fields[parameter.name] = (hints[parameter.name], default)
+    model: type[BaseModel] = create_model(name, __config__=_OPTIONS, **fields)
+    return model
+
+
+QualityOptions = _signature_options(
+    "QualityOptions", QualityFilter, skip=("classifier",), model=(str, ...)
+)
+
+
+def _quality(options: Any, base: Path) -> Step:
+    settings = options.model_dump(exclude={"model"})
+    return QualityFilter(FastTextClassifier.load(base / options.model), **settings)
+
+
+def _language(options: LanguageOptions, base: Path) -> Step:
+    config = LanguageFilterConfig(**options.model_dump(exclude={"model_path"}))
+    model = options.model_path
+    return LanguageFilter(config, LanguageIdentifier(base / model) if model is not None else None)
+
+
+def _dirty_words(options: DirtyWordsOptions, base: Path) -> Step:
+    words = base / options.file if options.file is not None else options.words or []
+    return DirtyWordFilter(words, DirtyWordConfig(**options.model_dump(exclude={"file", "words"})))
+
+
+def _url_blocklist(options: UrlBlocklistOptions, base: Path) -> Step:
+    return UrlBlocklist(base / options.file if options.file is not None else options.domains or [])
+
+
+def _keywords(step: type[Step]) -> Callable[[BaseModel, Path], Step]:
+    """Build `step` from an options model whose fields are its keyword arguments."""
+    return lambda options, base: step(**options.model_dump())
+
+
+@dataclass(frozen=True)
+class StepType:
+    """A step type a pipeline file may name: the options its table accepts, and how to build it."""
+
+    options: type[BaseModel]
+    """The table's keys (besides `type`): a frozen pydantic model with extra keys forbidden."""
+    build: Callable[[Any, Path], Step]
+    """The step from validated options and the pipeline file's directory (for relative paths)."""
+
+
+STEP_TYPES: dict[str, StepType] = {
+    "html": StepType(_signature_options("HtmlOptions", HtmlExtractor), _keywords(HtmlExtractor)),
+    "url_blocklist": StepType(UrlBlocklistOptions, _url_blocklist),
+    "dirty_words": StepType(DirtyWordsOptions, _dirty_words),
+    "pii": StepType(PiiConfig, lambda options, base: PiiScrubber(options)),
+    "gopher_quality": StepType(
+        GopherQualityConfig, lambda options, base: GopherQualityFilter(options)
     ),
-    "dirty_words": (
-        _with_file(lambda words, **o: DirtyWordFilter(words, DirtyWordConfig(**o)), "words"),
-        "file or words, and DirtyWordConfig fields",
+    "gopher_repetition": StepType(
+        GopherRepetitionConfig, lambda options, base: GopherRepetitionFilter(options)
     ),
-    "pii": (lambda o, b: PiiScrubber(PiiConfig(**o)), "PiiConfig fields"),
-    "gopher_quality": (
-        lambda o, b: GopherQualityFilter(GopherQualityConfig(**o)),
-        "GopherQualityConfig fields",
+    "language": StepType(LanguageOptions, _language),
+    "quality": StepType(QualityOptions, _quality),
+    "url_dedup": StepType(_signature_options("UrlDedupOptions", UrlDedup), _keywords(UrlDedup)),
+    "exact_dedup": StepType(
+        _signature_options("ExactDedupOptions", ExactDedup), _keywords(ExactDedup)
     ),
-    "gopher_repetition": (
-        lambda o, b: GopherRepetitionFilter(GopherRepetitionConfig(**o)),
-        "GopherRepetitionConfig fields",
-    ),
-    "language": (
-        lambda o, b: LanguageFilter(
-            LanguageFilterConfig(**{k: v for k, v in o.items() if k != "model_path"}),
-            LanguageIdentifier(b / o["model_path"]) if "model_path" in o else None,
-        ),
-        "LanguageFilterConfig fields, model_path",
-    ),
-    "quality": (
-        lambda o, b: QualityFilter(
-            FastTextClassifier.load(b / o["model"]), **{k: v for k, v in o.items() if k != "model"}
-        ),
-        "model (a FastTextClassifier .npz), label, threshold",
-    ),
-    "url_dedup": (lambda o, b: UrlDedup(**o), "date_key, spool_to_disk"),
-    "exact_dedup": (lambda o, b: ExactDedup(**o), "(none)"),
-    "near_dedup": (
-        _near_dedup,
-        "threshold, num_perm, ngram, seed, bands, rows, verify, batch_size",
-    ),
-    "line_dedup": (lambda o, b: LineDedup(**o), "max_occurrences, bucket_size"),
+    "near_dedup": StepType(NearDedupConfig, lambda options, base: NearDedup(options)),
+    "line_dedup": StepType(_signature_options("LineDedupOptions", LineDedup), _keywords(LineDedup)),
 }
-"""Step types a pipeline file may name: builder and a summary of its options."""
+"""Step types a pipeline file may name."""
+
+
+def describe_options(options: type[BaseModel]) -> str:
+    """The keys of an options model with their defaults, for `llama-data steps`."""
+    parts = []
+    for name, field in options.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        parts.append(
+            f"{name} (required)" if default is PydanticUndefined else f"{name}={default!r}"
+        )
+    return ", ".join(parts) or "(none)"
 
 
 def build_step(table: dict[str, Any], base: Path, where: str) -> Step:
-    """The step a `[[steps]]` table describes; errors name the table and what to change."""
+    """The step a `[[steps]]` table describes; a `PipelineFileError` lists what to change."""
     options = dict(table)
     kind = options.pop("type", None)
-    if kind not in STEP_TYPES:
-        raise ValueError(
-            f"{where}: unknown step type {kind!r}; valid types: {', '.join(STEP_TYPES)}"
+    if kind is None:
+        raise PipelineFileError(
+            f"  {where}.type: missing; this key is required (one of: {', '.join(sorted(STEP_TYPES))})"
         )
+    if kind not in STEP_TYPES:
+        problem = unknown_name(str(kind), STEP_TYPES, "step type")
+        raise PipelineFileError(f"  {where}.type = {kind!r}: {problem}")
+    step_type = STEP_TYPES[kind]
     try:
-        return STEP_TYPES[kind][0](options, base)
-    except (TypeError, ValueError, ValidationError) as err:
-        raise ValueError(f"{where} (type {kind!r}): {err}") from err
+        validated = step_type.options.model_validate(options)
+    except ValidationError as err:
+        raise PipelineFileError(
+            format_validation_error(err, step_type.options, prefix=where)
+        ) from err
+    try:
+        return step_type.build(validated, base)
+    except (TypeError, ValueError) as err:
+        raise PipelineFileError(f"  {where} (type {kind!r}): {err}") from err
 
 
 def load_pipeline(path: str | Path) -> tuple[Pipeline, list[Path], Path, PipelineFile]:
-    """Read a pipeline TOML file: the pipeline, its input files, the output directory, the spec."""
+    """Read a pipeline TOML file: the pipeline, its input files, the output directory, the spec.
+
+    Raises `PipelineFileError` listing every problem of the file's keys and step tables.
+    """
     path = Path(path)
     with open(path, "rb") as f:
-        spec = PipelineFile.model_validate(tomllib.load(f))
+        table = tomllib.load(f)
+    try:
+        spec = PipelineFile.model_validate(table)
+    except ValidationError as err:
+        raise PipelineFileError(format_validation_error(err, PipelineFile)) from err
     base = path.parent
-    steps = [build_step(t, base, f"steps[{i}]") for i, t in enumerate(spec.steps)]
-    global_steps = [
-        build_step(t, base, f"global_steps[{i}]") for i, t in enumerate(spec.global_steps)
-    ]
+    problems: list[str] = []
+    built: dict[str, list[Step]] = {"steps": [], "global_steps": []}
+    for section, tables in (("steps", spec.steps), ("global_steps", spec.global_steps)):
+        for i, step_table in enumerate(tables):
+            try:
+                built[section].append(build_step(step_table, base, f"{section}[{i}]"))
+            except PipelineFileError as err:
+                problems.append(str(err))
+    if problems:
+        raise PipelineFileError("\n".join(problems))
     inputs: list[Path] = []
     for pattern in spec.inputs:
         matches = sorted(glob.glob(str(base / pattern)))
         if not matches:
             raise FileNotFoundError(f"inputs pattern {pattern!r} matches no file under {base}")
         inputs += [Path(m) for m in matches]
-    return Pipeline(steps, global_steps=global_steps), inputs, base / spec.out_dir, spec
+    pipeline = Pipeline(built["steps"], global_steps=built["global_steps"])
+    return pipeline, inputs, base / spec.out_dir, spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,15 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("config", type=Path)
     run.add_argument("--workers", type=int, default=None, help="override the file's workers")
     run.add_argument("--no-progress", action="store_true")
-    commands.add_parser("steps", help="list step types and their options")
+    commands.add_parser("steps", help="list step types and their options (with defaults)")
     args = parser.parse_args(argv)
     if args.command == "steps":
-        for name, (_, options) in STEP_TYPES.items():
-            print(f"{name:<18} {options}")
+        for name, step_type in STEP_TYPES.items():
+            print(f"{name:<18} {describe_options(step_type.options)}")
         return 0
     try:
         pipeline, inputs, out_dir, spec = load_pipeline(args.config)
-    except (OSError, ValueError, ValidationError, tomllib.TOMLDecodeError) as err:
+    except PipelineFileError as err:
+        print(f"llama-data: {args.config}: invalid pipeline file:\n{err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
         print(f"llama-data: {args.config}: {err}", file=sys.stderr)
         return 2
     report = pipeline.run(
