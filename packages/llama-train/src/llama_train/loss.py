@@ -3,16 +3,35 @@
 Every layout (one process, data/context/pipeline parallel) divides one summed cross-entropy by the
 number of non-ignored targets of the *global* batch and sums the shares (gradients are summed, not
 averaged, across ranks), so every layout computes the same mean loss and the same update.
+
+Two ways to compute the same sum:
+- `summed_cross_entropy(logits, targets)` takes logits the model already projected;
+- `linear_cross_entropy(hidden, weight, targets)` takes the final hidden states and the output
+  projection and works through the rows a chunk at a time, computing the gradients of hidden and
+  weight while it goes, so the logits (and their float32 copy and gradient) exist for one chunk
+  only, never for the whole batch. With a 128,256-token vocabulary these are the largest tensors
+  of a small model's step (`debug`: 4 rows x 256 tokens -> 525 MB per float32 copy). The idea is
+  the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024, arXiv 2410.10989, §3.3), written
+  here in plain PyTorch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from llama_train.data import IGNORE_INDEX
 
-__all__ = ["summed_cross_entropy"]
+__all__ = ["linear_cross_entropy", "summed_cross_entropy"]
+
+# Rows of hidden states per chunk. A chunk holds [chunk, vocab] logits in the compute dtype and
+# their float32 probabilities (the gradient reuses the logits' buffer): 256 rows x 128,256 classes
+# -> 66 + 131 MB under bf16 autocast.
+DEFAULT_CHUNK_SIZE = 256
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -21,3 +40,236 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """The summed next-token cross-entropy of the logits `hidden @ weight.T`, without them.
+
+    Equal to `summed_cross_entropy(hidden @ weight.T, targets)` (up to summation order): a float32
+    scalar, the sum over targets that are not `IGNORE_INDEX` (0 when all are ignored). The rows are
+    processed `chunk_size` at a time; for each chunk the forward pass computes the logits, their
+    log-sum-exp, the loss and the gradient of the loss with respect to the chunk's hidden states
+    and to the weight (Liger's way: the backward only scales these by the incoming gradient, no
+    second matmul over the vocabulary). So no [rows, vocab] tensor of the whole batch is made.
+
+    Dtypes: the two matmuls per chunk and the two of its gradient run in the *compute dtype*:
+    the autocast dtype when `torch.autocast` is on for the inputs' device (bf16 on CPU and CUDA,
+    as `F.linear` would run under autocast), otherwise `torch.promote_types(hidden, weight)`
+    (float32 for an exact check, float64 for a reference). The logits come out of the matmul in
+    that dtype, then the max, exp, sum, log-sum-exp, loss and softmax are float32 (float64 for
+    float64); the softmax gradient is rounded to the compute dtype for the backward matmuls, and
+    the weight gradient is summed over chunks in float32. The gradients come back in the dtypes of
+    `hidden` and `weight` (fp32 master weights keep fp32 gradients).
+
+    Args:
+        hidden: final (normed) hidden states [B, T, dim] or [N, dim].
+        weight: the output projection [vocab, dim] as a plain tensor (`Llama.output_weight()`).
+            Not for layouts where the projection is sharded or wrapped: under tensor parallelism
+            (a DTensor weight, column-sharded over the vocabulary), FSDP (the weight is sharded
+            outside the module's forward) or a pipeline stage (the stage applies the projection
+            itself), project with the model and use `summed_cross_entropy`.
+        targets: next-token ids [B, T] or [N] (the leading shape of `hidden`); `IGNORE_INDEX`
+            positions take no part.
+        chunk_size: rows per chunk; memory per chunk is about chunk_size x vocab x 8 bytes under
+            bf16 autocast (12 in float32).
+
+    The gradient is computed in the forward when `hidden` or `weight` requires grad and grad mode
+    is on; the returned loss can be backpropagated once (its backward reuses those buffers).
+    """
+    _check_arguments(hidden, weight, targets, chunk_size)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [N, dim]
+    targets_1d = targets.reshape(-1)  # [N]
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)
+    else:
+        compute = torch.promote_types(hidden.dtype, weight.dtype)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        loss: torch.Tensor = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
+            hidden_2d, weight, targets_1d, chunk_size, compute
+        )
+        return loss
+    with torch.no_grad():
+        return _chunked(hidden_2d, weight, targets_1d, chunk_size, compute, (False, False))[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight.T with both gradients computed in the forward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        compute: torch.dtype,
+    ) -> torch.Tensor:
+        needs = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
+        loss, grad_hidden, grad_weight = _chunked(
+            hidden, weight, targets, chunk_size, compute, needs
+        )
+        ctx.grads = [grad_hidden, grad_weight]
+        return loss
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy's loss was backpropagated twice; its gradients were computed "
+                "in the forward and scaled in place by the first backward. Compute the loss again "
+                "for a second backward."
+            )
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # d(sum)/d(input) scaled in place by the incoming gradient (1 / target count in training).
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _chunk_bounds(rows: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of `rows` rows, `chunk_size` each, the last one shorter."""
+    for start in range(0, rows, chunk_size):
+        yield start, min(start + chunk_size, rows)
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    compute: torch.dtype,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(summed loss, d loss / d hidden or None, d loss / d weight or None), chunk by chunk.
+
+    hidden [N, dim], weight [vocab, dim], targets [N]; `needs` says which gradient to compute.
+
+    Per chunk, with x the logits of a row, m = max x at index a, and p = softmax(x) (PyTorch's
+    fused softmax kernel, in place): log-sum-exp = m - log(p_a), exact up to rounding because p_a
+    = 1 / sum exp(x - m) lies in [1 / vocab, 1] (no underflow); loss = log-sum-exp - x_target;
+    d loss / d x = p - onehot(target)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = torch.promote_types(compute, torch.float32)  # softmax and sums: float32 (or float64)
+    device = hidden.device
+    with torch.autocast(device.type, enabled=False):  # every dtype below is chosen explicitly
+        loss = torch.zeros((), dtype=acc, device=device)
+        if rows == 0:
+            return _finish(loss, None, None, hidden, weight, needs)
+        h = hidden.to(compute)  # [N, dim]
+        w = weight.to(compute)  # [vocab, dim]
+        valid = targets != IGNORE_INDEX  # [N]
+        safe_targets = targets.long().masked_fill(~valid, 0)  # [N], ignored rows -> class 0
+        ignored_rows = (~valid).nonzero().flatten()  # [n_ignored]
+        width = min(chunk_size, rows)
+        # Buffers reused by every chunk (on CPU a fresh [chunk, vocab] tensor costs page faults):
+        # logits in the compute dtype, probabilities in float32 (the same buffer when they agree),
+        # the gradient of the logits in the compute dtype.
+        probs_buf = torch.empty(width, vocab, dtype=acc, device=device)
+        logits_buf = (
+            probs_buf if compute == acc else torch.empty(width, vocab, dtype=compute, device=device)
+        )
+        grad_h = torch.empty_like(h) if needs[0] else None  # [N, dim], compute dtype
+        grad_w = torch.zeros(vocab, w.shape[1], dtype=acc, device=device) if needs[1] else None
+        partial_w = None if grad_w is None or compute == acc else torch.empty_like(w)
+        for start, stop in _chunk_bounds(rows, chunk_size):
+            n = stop - start
+            h_c, t_c, valid_c = h[start:stop], safe_targets[start:stop, None], valid[start:stop]
+            logits = torch.mm(h_c, w.t(), out=logits_buf[:n])  # [n, vocab], compute dtype
+            row_max, argmax = logits.max(dim=1, keepdim=True)  # [n, 1] each
+            target_logit = logits.gather(1, t_c).to(acc)  # [n, 1]
+            probs = probs_buf[:n]
+            if probs is not logits:
+                probs.copy_(logits)  # float32 copy of this chunk only
+            torch.softmax(probs, dim=1, out=probs)  # [n, vocab], float32, in place
+            log_sum_exp = row_max.to(acc) - probs.gather(1, argmax).log()  # [n, 1]
+            loss = loss + torch.where(valid_c, (log_sum_exp - target_logit).squeeze(1), 0.0).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d loss_i / d logit_ij = softmax_ij - [j == t_i] for valid rows, 0 for ignored ones.
+            probs.scatter_add_(1, t_c, -valid_c.to(acc)[:, None])
+            in_chunk = ignored_rows[(ignored_rows >= start) & (ignored_rows < stop)] - start
+            probs.index_fill_(0, in_chunk, 0.0)
+            grad = probs if compute == acc else logits.copy_(probs)  # [n, vocab], compute dtype
+            if grad_h is not None:
+                torch.mm(grad, w, out=grad_h[start:stop])  # [n, dim]
+            if grad_w is not None:
+                if partial_w is None:  # float32 or float64: accumulate in the matmul
+                    grad_w.addmm_(grad.t(), h_c)
+                else:  # bf16 matmul, summed over chunks in float32
+                    grad_w.add_(torch.mm(grad.t(), h_c, out=partial_w))  # [vocab, dim]
+        return _finish(loss, grad_h, grad_w, hidden, weight, needs)
+
+
+def _finish(
+    loss: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The float32 loss and the gradients in the inputs' dtypes (zeros for an empty batch)."""
+    if needs[0] and grad_h is None:
+        grad_h = torch.zeros_like(hidden)
+    if needs[1] and grad_w is None:
+        grad_w = torch.zeros_like(weight)
+    return (
+        loss.float() if loss.dtype != torch.float64 else loss,
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+    )
+
+
+def _check_arguments(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> None:
+    if isinstance(weight, DTensor) or isinstance(hidden, DTensor):
+        raise TypeError(
+            "linear_cross_entropy needs a plain (unsharded) output weight and hidden states; got a "
+            "DTensor (tensor parallelism or FSDP). Project with the model (`model.logits(h)`) "
+            "and use summed_cross_entropy in that layout."
+        )
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, dim] or [N, dim]; got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [vocab, dim] with dim = hidden's last size {hidden.shape[-1]}; "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 (or int32) token ids; got {targets.dtype}")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(
+            f"hidden and weight must be floating point; got {hidden.dtype} and {weight.dtype}"
+        )
+    if hidden.device != weight.device or hidden.device != targets.device:
+        raise ValueError(
+            f"hidden, weight and targets must share a device; got {hidden.device}, "
+            f"{weight.device}, {targets.device}"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size!r}")
+    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(out_of_range.any()):
+        bad = int(targets[out_of_range].flatten()[0])
+        raise ValueError(
+            f"targets hold id {bad}, outside the vocabulary [0, {weight.shape[0]}) and not "
+            f"IGNORE_INDEX ({IGNORE_INDEX})"
+        )
