@@ -6,6 +6,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -280,7 +281,7 @@ def _near_dedup_survivors(docs: list[Document], config: NearDedupConfig) -> set[
 
 # 32 bands x 4 rows make every one of these pairs a candidate (miss probability < 1e-6 at 0.778),
 # so the outcome depends on confirmation alone.
-ALL_CANDIDATES = {"bands": 32, "rows": 4}
+ALL_CANDIDATES: dict[str, Any] = {"bands": 32, "rows": 4}
 
 
 def test_exact_confirmation_splits_pairs_at_the_threshold(
