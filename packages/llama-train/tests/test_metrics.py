@@ -108,6 +108,7 @@ def test_resume_drops_torn_final_line(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path, tensorboard=False, resume_step=3) as metrics:
         metrics.log(3, {"loss": 7.0})
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary
 
 
 def test_corrupt_middle_line_fails_naming_file_and_line(tmp_path: Path) -> None:
@@ -275,6 +276,7 @@ def test_plot_loss_curve_standalone_and_without_lr(tmp_path: Path) -> None:
     orange = np.array([0xFF, 0x7F, 0x0E]) / 255
     assert (np.abs(pixels - orange).max(axis=-1) < 0.05).sum() == 0
     assert not (tmp_path / "sub" / "curve.png.tmp").exists()
+    assert list((tmp_path / "sub").iterdir()) == [png]  # no temporary file of any name left
 
 
 def test_plot_loss_curve_without_loss_fails(tmp_path: Path) -> None:

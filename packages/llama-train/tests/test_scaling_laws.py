@@ -208,6 +208,7 @@ def test_plot_scaling_law_writes_both_panels(tmp_path: Path) -> None:
     assert _count_color(pixels, TAB_ORANGE) > 200
     assert _count_color(pixels, TAB_RED) > 100
     assert not (tmp_path / "plots" / "scaling.png.tmp").exists()
+    assert list((tmp_path / "plots").iterdir()) == [png]  # no temporary file of any name left
 
 
 def test_plot_scaling_law_without_budget_has_no_prediction(tmp_path: Path) -> None:

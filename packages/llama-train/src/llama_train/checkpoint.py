@@ -8,10 +8,14 @@ A checkpoint is a directory ``<root>/step-NNNNNNNN`` holding
 - ``train_state.json``: step, data-loader position, loss-spike statistics (rank 0 writes it);
 - ``rng-rank<r>.pt``: each rank's torch RNG states (tensors only, read with weights_only=True).
 
-A save first writes ``.tmp-step-NNNNNNNN`` and renames it into place only after every rank's
-shards are on disk (DCP fsyncs its files), so a save killed half-way never replaces or damages
-the last good checkpoint; leftovers are removed on the next start. `keep_last` prunes older
-checkpoints (directories under ``<root>/keep`` are never pruned: annealing snapshots for Polyak
+A save first writes ``.tmp-step-NNNNNNNN`` and publishes it (`llama_model.publish_directory`:
+every file fsynced, then renamed into place) only after every rank's shards are on disk, so a save
+killed half-way never replaces or damages the last good checkpoint; leftovers are removed on the
+next start. Re-saving an existing step first moves the old one to ``.tmp-old-step-NNNNNNNN``, a
+name the next start recognises and puts back if the process died before the new one was in place
+(`publish_directory`'s own move-aside uses a random name that only it knows). The single files
+(``train_state.json``, ``rng-rank<r>.pt``) are written with `llama_model.atomic_write`.
+`keep_last` prunes older checkpoints (directories under ``<root>/keep`` are never pruned: annealing snapshots for Polyak
 averaging go there). With `async_save` the DCP write runs in a background thread on a separate
 gloo process group while training continues; the rename happens when it has finished.
 """
@@ -42,6 +46,8 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
+
+from llama_model import atomic_write, publish_directory
 
 __all__ = ["ModelState", "OptimizerState", "TrainCheckpointer", "step_dir_name"]
 
@@ -190,14 +196,13 @@ class TrainCheckpointer:
     def _publish(self, tmp: Path, final: Path) -> None:
         self._barrier()  # every rank's shards are written (and fsynced by DCP)
         if self.rank == 0:
+            trash = final.with_name(f".tmp-old-{final.name}")
             if final.exists():  # re-saving a step (after a rollback): drop the old one last
-                trash = final.with_name(f".tmp-old-{final.name}")
+                # Aside under the name _recover() puts back at the next start if we die before
+                # the new one is in place (publish_directory's own aside name is random).
                 os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            publish_directory(tmp, final)  # fsyncs the files, then renames; fsyncs the parent
+            shutil.rmtree(trash, ignore_errors=True)
             if final.parent == self.root:
                 for old in self.steps()[: -self.keep_last]:
                     # Renamed first: a prune killed half-way leaves a .tmp-* (removed at the
@@ -229,27 +234,16 @@ def _recover(parent: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def _save_rng(path: Path) -> None:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
-    tmp = path.with_suffix(".part")
-    torch.save(states, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(states, tmp)
 
 
 def _load_rng(path: Path) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
+
+from llama_model import atomic_write
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -330,12 +331,8 @@ def _truncate_jsonl(path: Path, cutoff: int) -> tuple[int, int, int | None]:
     kept = [record for record in records if record["step"] < cutoff]
     dropped = len(records) - len(kept)
     if dropped or torn:
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # a crash before this line leaves the old file intact
+        with atomic_write(path) as tmp:  # a crash before the end leaves the old file intact
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
     last = max((record["step"] for record in kept), default=None)
     return len(kept), dropped, last
 
@@ -346,8 +343,9 @@ def plot_loss_curve(
     """Plot loss against step from a metrics JSONL, with the learning rate on a twin axis.
 
     Records without a finite `loss_key` are skipped; the learning-rate axis is drawn when any
-    record has `lr_key`. The PNG is written to a temporary name and renamed, so an existing plot
-    is replaced only by a complete one. Returns `png`.
+    record has `lr_key`. The PNG is written to a temporary name and renamed
+    (`llama_model.atomic_write`), so an existing plot is replaced only by a complete one. Returns
+    `png`.
     """
     # Imported here so that importing llama_train does not pull in matplotlib. The Agg canvas is
     # used directly: no pyplot, no global backend, no display.
@@ -383,10 +381,8 @@ def plot_loss_curve(
 
 
 def _save_png(figure: Any, png: Path) -> Path:
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    with atomic_write(png) as tmp:
+        figure.savefig(tmp, format="png")
     return png
 
 

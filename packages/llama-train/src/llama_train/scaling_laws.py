@@ -26,7 +26,6 @@ to a PNG (matplotlib, imported only when plotting).
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from llama_model import atomic_write
 
 __all__ = [
     "PAPER_ALPHA",
@@ -239,7 +240,8 @@ def plot_scaling_law(
     minima N*(C) against compute, the fitted power law N*(C) = A·C^α and, when `budget` is given,
     the law's prediction there, labelled with tokens and parameters (C / (flops_per_token·N*)).
     Fits exactly as `fit_from_runs` does, with the same errors. The PNG is written to a temporary
-    name and renamed, so an existing plot is replaced only by a complete one.
+    name and renamed (`llama_model.atomic_write`), so an existing plot is replaced only by a complete
+    one.
     """
     # Imported here: the fits need only numpy. The Agg canvas is used directly (no pyplot, no
     # global backend, no display).
@@ -299,8 +301,6 @@ def plot_scaling_law(
     figure.tight_layout()
 
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    with atomic_write(png) as tmp:
+        figure.savefig(tmp, format="png")
     return png
