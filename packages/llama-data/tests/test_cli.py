@@ -81,7 +81,7 @@ def test_every_step_type_builds_from_defaults(tmp_path: Path) -> None:
     (tmp_path / "words.txt").write_text("badword\n")
     examples = [("good clear text", "__label__hq"), ("buy now cheap", "__label__lq")] * 3
     FastTextClassifier.train(examples, dim=4, bucket=64).save(tmp_path / "quality.npz")
-    minimal = {
+    minimal: dict[str, dict[str, Any]] = {
         "url_blocklist": {"domains": ["x.example"]},
         "dirty_words": {"file": "words.txt"},
         "quality": {"model": "quality.npz"},

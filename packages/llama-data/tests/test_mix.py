@@ -39,7 +39,7 @@ def test_token_shares_use_the_length_function() -> None:
             max_documents=1100,
         )
     )
-    tokens = Counter()
+    tokens: Counter[str] = Counter()
     for doc in out:
         tokens[doc.source] += len(doc.text.split())
     assert abs(tokens["long"] - tokens["short"]) <= 10

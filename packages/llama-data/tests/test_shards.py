@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from llama_data.document import Document
@@ -500,7 +501,7 @@ def test_window_stream_skips_without_reading(tmp_path: Path) -> None:
     read: list[int] = []
     document = shards.document
 
-    def recording(i: int) -> object:
+    def recording(i: int) -> npt.NDArray[np.uint32]:
         read.append(i)
         return document(i)
 
