@@ -18,7 +18,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from llama_model import Llama, LlamaConfig, RopeScaling, load_checkpoint, save_checkpoint
+from llama_model import (
+    Llama,
+    LlamaConfig,
+    RopeScaling,
+    Tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -449,7 +456,9 @@ def transformers_complaints() -> Iterator[list[str]]:
         complaints.extend(record.getMessage() for record in handler.records)
 
 
-def test_export_loads_in_transformers_without_warnings(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_export_loads_in_transformers_without_warnings(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
     """An export with the real tokenizer loads through AutoConfig, AutoTokenizer and
     AutoModelForCausalLM with no warning raised or logged, and still tokenizes and computes like
     ours; without `transformers_version` in config.json the same tokenizer load logs the Mistral
