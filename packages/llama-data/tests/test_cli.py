@@ -112,8 +112,8 @@ def test_bad_pipeline_files_are_explained(
         "  steps[0].type = 'gopher': unknown step type; did you mean 'gopher_quality'? valid "
         "step types: " + ", ".join(sorted(STEP_TYPES)),
         "  steps[1].phones = 'maybe': Input should be a valid boolean, unable to interpret input",
-        "  steps[1].email: unknown key; did you mean 'emails'? valid keys: email_placeholder, "
-        "emails, ip_addresses, ip_placeholder, keep_non_public_ips, phone_placeholder, phones",
+        "  steps[1].email: unknown key; did you mean 'emails'? valid keys: emails, phones, "
+        "ip_addresses, keep_non_public_ips, email_placeholder, phone_placeholder, ip_placeholder",
         "  global_steps[0].confirm = 'exactly': Input should be 'exact' or 'estimate'",
         "  global_steps[1]: bands * rows = 30 * 8 exceeds num_perm=128; lower bands or rows, or "
         "raise num_perm",
@@ -124,7 +124,7 @@ def test_bad_pipeline_files_are_explained(
     path.write_text('inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\nworkerz = 2\nworkers = 0\n')
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "  workerz: unknown key; did you mean 'workers'? valid keys: backend, " in err
+    assert "  workerz: unknown key; did you mean 'workers'? valid keys: inputs, out_dir, " in err
     assert "  workers = 0: Input should be greater than 0" in err
     assert "pydantic.dev" not in err and "For further information" not in err
 

@@ -55,20 +55,21 @@ def test_bad_value_names_the_dotted_key_and_the_value() -> None:
 
 
 def test_unknown_key_suggests_the_closest_and_lists_the_section() -> None:
-    """An unknown key lists the keys of its own section (not the top level) and the closest."""
+    """An unknown key lists the keys of its own section (not the top level), in declaration
+    order, and the closest."""
     assert _message({"optimizer": {"lrr": 0.1}}) == [
-        "  optimizer.lrr: unknown key; did you mean 'lr'? valid keys: betas, kind, lr"
+        "  optimizer.lrr: unknown key; did you mean 'lr'? valid keys: lr, betas, kind"
     ]
     assert _message({"stepz": 3}) == [
-        "  stepz: unknown key; did you mean 'steps'? valid keys: named, optimizer, sources, "
-        "steps, warmup"
+        "  stepz: unknown key; did you mean 'steps'? valid keys: steps, optimizer, sources, "
+        "named, warmup"
     ]
 
 
 def test_unknown_key_without_a_close_match_only_lists() -> None:
     """No suggestion when nothing is close; the valid keys are still listed."""
     assert _message({"zzz": 1}) == [
-        "  zzz: unknown key; valid keys: named, optimizer, sources, steps, warmup"
+        "  zzz: unknown key; valid keys: steps, optimizer, sources, named, warmup"
     ]
 
 
@@ -83,7 +84,7 @@ def test_keys_inside_lists_dicts_and_optionals() -> None:
     ) == [
         "  sources[1].wieght: unknown key; did you mean 'weight'? valid keys: path, weight",
         "  named.web.weight = -1: Input should be greater than or equal to 0",
-        "  warmup.kindd: unknown key; did you mean 'kind'? valid keys: betas, kind, lr",
+        "  warmup.kindd: unknown key; did you mean 'kind'? valid keys: lr, betas, kind",
     ]
 
 
@@ -106,7 +107,7 @@ def test_no_pydantic_url_and_one_line_per_problem() -> None:
     assert lines == [
         "  steps = 0: Input should be greater than or equal to 1",
         "  optimizer.kind = 'adam': Input should be 'adamw' or 'sgd'",
-        "  optimizer.lrr: unknown key; did you mean 'lr'? valid keys: betas, kind, lr",
+        "  optimizer.lrr: unknown key; did you mean 'lr'? valid keys: lr, betas, kind",
     ]
     with pytest.raises(ValidationError) as info:
         Run.model_validate({"steps": 0})
@@ -115,7 +116,7 @@ def test_no_pydantic_url_and_one_line_per_problem() -> None:
 
 
 def test_unknown_name_for_other_kinds() -> None:
-    """The same wording serves unknown step types (valid names sorted)."""
+    """The same wording serves unknown step types (valid names in the order given)."""
     assert unknown_name("gopher", ["pii", "gopher_quality"], "step type") == (
-        "unknown step type; did you mean 'gopher_quality'? valid step types: gopher_quality, pii"
+        "unknown step type; did you mean 'gopher_quality'? valid step types: pii, gopher_quality"
     )

@@ -11,7 +11,9 @@ project shares:
   <dotted.key>: unknown key; did you mean '<closest>'? valid keys: a, b, c
 ```
 
-The closest valid key is found with `difflib.get_close_matches` (omitted when nothing is close).
+Valid keys are listed in the order the model declares them; the closest is found with
+`difflib.get_close_matches` (omitted when nothing is close). llama-model's `config_errors` writes
+the same format for the torch side (llama-data cannot import it).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ _LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")  # pydantic's wrappi
 
 def unknown_name(name: str, valid: Iterable[str], kind: str = "key") -> str:
     """What to say about an unknown `name`: "unknown <kind>; did you mean '<closest>'? valid
-    <kind>s: a, b, c" (the suggestion only when one of `valid` is close)."""
-    choices = sorted(valid)
+    <kind>s: a, b, c", `valid` in the order given (the suggestion only when one is close)."""
+    choices = list(valid)
     closest = difflib.get_close_matches(name, choices, n=1, cutoff=_CLOSE_ENOUGH)
     suggestion = f"; did you mean {closest[0]!r}?" if closest else ";"
     listing = ", ".join(choices) if choices else "(none)"

@@ -260,7 +260,7 @@ def build_step(table: dict[str, Any], base: Path, where: str) -> Step:
             f"  {where}.type: missing; this key is required (one of: {', '.join(sorted(STEP_TYPES))})"
         )
     if kind not in STEP_TYPES:
-        problem = unknown_name(str(kind), STEP_TYPES, "step type")
+        problem = unknown_name(str(kind), sorted(STEP_TYPES), "step type")
         raise PipelineFileError(f"  {where}.type = {kind!r}: {problem}")
     step_type = STEP_TYPES[kind]
     try:
