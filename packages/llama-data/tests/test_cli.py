@@ -111,10 +111,10 @@ def test_bad_pipeline_files_are_explained(
     assert str(info.value).splitlines() == [
         "  steps[0].type = 'gopher': unknown step type; did you mean 'gopher_quality'? valid "
         "step types: " + ", ".join(sorted(STEP_TYPES)),
-        "  steps[1].phones = 'maybe': Input should be a valid boolean, unable to interpret input",
+        "  steps[1].phones = 'maybe': must be a valid boolean, unable to interpret input",
         "  steps[1].email: unknown key; did you mean 'emails'? valid keys: emails, phones, "
         "ip_addresses, keep_non_public_ips, email_placeholder, phone_placeholder, ip_placeholder",
-        "  global_steps[0].confirm = 'exactly': Input should be 'exact' or 'estimate'",
+        "  global_steps[0].confirm = 'exactly': must be 'exact' or 'estimate'",
         "  global_steps[1]: bands * rows = 30 * 8 exceeds num_perm=128; lower bands or rows, or "
         "raise num_perm",
     ]
@@ -125,7 +125,7 @@ def test_bad_pipeline_files_are_explained(
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "  workerz: unknown key; did you mean 'workers'? valid keys: inputs, out_dir, " in err
-    assert "  workers = 0: Input should be greater than 0" in err
+    assert "  workers = 0: must be greater than 0" in err
     assert "pydantic.dev" not in err and "For further information" not in err
 
 

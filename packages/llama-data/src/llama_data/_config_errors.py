@@ -1,127 +1,243 @@
-"""Config validation errors as messages to a person (DESIGN.md: "validated with messages that name
-the field"; STYLE.md: "Errors are messages to a person").
+"""Configuration errors as messages to a person: one line per problem, naming the key.
 
-pydantic's own text for a bad config file reads "Extra inputs are not permitted" followed by a URL
-to its documentation, and never says which keys would have been right. `format_validation_error`
-turns a `pydantic.ValidationError` into one line per problem, in the format every CLI of the
-project shares:
+DESIGN.md: configs are "validated with messages that name the field"; STYLE.md: "Errors are
+messages to a person". This module has a twin, `llama_model.config_errors`, which every torch-side
+command line (`llama-train`, ...) uses; llama-data may not import torch, so it cannot import
+llama-model and keeps this copy. The two are written side by side (same functions, same order) and
+`tests/test_config_errors.py` at the workspace root holds both to one contract: the same lines for
+the same error and model. Change one, change the other. The format, one line per problem:
 
-```
-  <dotted.key> = <value repr>: <what is wrong>
-  <dotted.key>: unknown key; did you mean '<closest>'? valid keys: a, b, c
-```
+    <dotted.key> = <value repr>: <what is wrong>
+    <dotted.key>: unknown key; did you mean '<closest>'? valid keys: a, b, c
 
-Valid keys are listed in the order the model declares them; the closest is found with
-`difflib.get_close_matches` (omitted when nothing is close). llama-model's `config_errors` writes
-the same format for the torch side (llama-data cannot import it).
+Keys are written as a person types them in a TOML file (``steps[0].min_words``), the valid keys
+are those of the section the unknown key sits in (nested models, and tuples, lists and dicts of
+models, are followed through the field annotations; pydantic's names for union members are not
+keys), and the closest one is suggested when one is close (`difflib`, else a key sharing an
+``_``-word). Messages raised by our own validators are kept as written. Pydantic's documentation
+URL, its ``[type=...]`` suffix and its "Extra inputs are not permitted" wording never appear.
+
+`unknown_name` is the same "unknown ...; did you mean ...?" wording for names that are not keys
+(the step types of a pipeline file).
 """
 
 from __future__ import annotations
 
 import difflib
 import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Union, get_args, get_origin
 
-import pydantic
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 __all__ = ["format_validation_error", "unknown_name"]
 
-_CLOSE_ENOUGH = 0.6  # difflib's default similarity cutoff
-_LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")  # pydantic's wrapping of our errors
+_MAX_VALUE_REPR = 60  # characters of an offending value shown before it is cut with "..."
+_OWN_MESSAGE_TYPES = frozenset({"value_error", "assertion_error"})  # raised by our validators
+_SECTION_TYPES = frozenset({"model_type", "model_attributes_type", "dict_type"})
+
+
+def format_validation_error(
+    error: ValidationError, model: type[BaseModel], *, prefix: str = ""
+) -> str:
+    """`error`, raised while validating `model`, as lines a person can act on.
+
+    Args:
+        error: what ``model.model_validate(...)`` (or a constructor) raised.
+        model: the model that was validated; its fields give the valid keys of each section.
+        prefix: where `model` sits in a larger config, written before every key (e.g.
+            ``"steps[2]"`` for a step's options table in a pipeline file).
+
+    Returns:
+        One line per problem, each indented by two spaces, no trailing newline. Alternatives of a
+        union rejected for the same value share one line ("must be ... or must be ...").
+    """
+    lines: dict[str, list[str]] = {}  # head -> its messages (several for union alternatives)
+    for detail in error.errors(include_url=False):
+        for head, message in _describe(detail, model, prefix.rstrip(".")):
+            messages = lines.setdefault(head, [])
+            if message not in messages:
+                messages.append(message)
+    return "\n".join(
+        f"  {head}: {' or '.join(messages)}" if messages[0] else f"  {head}"
+        for head, messages in lines.items()
+    )
 
 
 def unknown_name(name: str, valid: Iterable[str], kind: str = "key") -> str:
     """What to say about an unknown `name`: "unknown <kind>; did you mean '<closest>'? valid
     <kind>s: a, b, c", `valid` in the order given (the suggestion only when one is close)."""
     choices = list(valid)
-    closest = difflib.get_close_matches(name, choices, n=1, cutoff=_CLOSE_ENOUGH)
-    suggestion = f"; did you mean {closest[0]!r}?" if closest else ";"
-    listing = ", ".join(choices) if choices else "(none)"
-    return f"unknown {kind}{suggestion} valid {kind}s: {listing}"
+    closest = _closest(name, choices)
+    hint = f" did you mean {closest!r}?" if closest else ""
+    return f"unknown {kind};{hint} valid {kind}s: {', '.join(choices)}"
 
 
-def _dotted(prefix: str, loc: Sequence[int | str]) -> str:
-    """("steps", 0, "min_words") under prefix "run" -> "run.steps[0].min_words"."""
-    key = prefix
+# ---------------------------------------------------------------------------- one error
+
+
+def _describe(
+    detail: Mapping[str, Any], model: type[BaseModel], prefix: str
+) -> list[tuple[str, str]]:
+    """(head, message) pairs for one pydantic error; an empty message means the head says it all."""
+    kind: str = detail["type"]
+    loc: tuple[int | str, ...] = tuple(detail["loc"])
+    place = _walk(model, loc, prefix)
+    if kind == "extra_forbidden":
+        container = _walk(model, loc[:-1], prefix).annotation
+        return [(place.key, _unknown_key(str(loc[-1]), container))]
+    if kind == "missing":
+        return [(place.key, "missing; this key is required")]
+    if kind in _OWN_MESSAGE_TYPES:
+        text = _own_message(detail)
+        if not place.key or _names(text, place.key):  # the message already says where
+            return [(line, "") for line in text.splitlines() if line.strip()]
+        head = place.key if _model(place.annotation) else f"{place.key} = {_value(detail)}"
+        first, *rest = text.splitlines()
+        return [(head, first), *((line, "") for line in rest if line.strip())]
+    section = _model(place.annotation)
+    if kind in _SECTION_TYPES and section is not None:
+        message = f"must be a section (a TOML table) with keys: {_keys(section)}"
+    else:
+        message = _rephrase(str(detail["msg"]))
+    return [(f"{place.key} = {_value(detail)}" if place.key else _value(detail), message)]
+
+
+def _unknown_key(name: str, container: Any) -> str:
+    section = _model(container)
+    if section is None:
+        return "unknown key"
+    return unknown_name(name, section.model_fields)
+
+
+def _closest(name: str, valid: Sequence[str]) -> str | None:
+    """The valid key most like `name`: a near spelling (difflib ratio >= 0.6), else a key that
+    shares one of its ``_``-separated words (``lr`` -> ``peak_lr``), the most similar first."""
+    folded = {key.lower(): key for key in valid}
+    wanted = name.lower().replace("-", "_")
+    near = difflib.get_close_matches(wanted, list(folded), n=1, cutoff=0.6)
+    if near:
+        return folded[near[0]]
+    words = {word for word in wanted.split("_") if len(word) >= 2}
+    sharing = [key for key in folded if words & set(key.split("_"))]
+    if not sharing:
+        return None
+    best = max(sharing, key=lambda key: difflib.SequenceMatcher(None, wanted, key).ratio())
+    return folded[best]
+
+
+def _own_message(detail: Mapping[str, Any]) -> str:
+    """The message our validator raised, without pydantic's "Value error, " prefix."""
+    raised = (detail.get("ctx") or {}).get("error")
+    if isinstance(raised, BaseException) and str(raised):
+        return str(raised)
+    text = str(detail["msg"])
+    for noise in ("Value error, ", "Assertion failed, "):
+        text = text.removeprefix(noise)
+    return text
+
+
+def _names(message: str, key: str) -> bool:
+    """True when `message` starts by naming `key` (``steps[0].file names ...`` names ``steps``)."""
+    return message.startswith(key) and message[len(key) : len(key) + 1] in ("", ".", "[", " ", ":")
+
+
+def _rephrase(message: str) -> str:
+    for said, meant in (("Input should be", "must be"), ("Input is not", "is not")):
+        if message.startswith(said):
+            return meant + message[len(said) :]
+    return message[:1].lower() + message[1:]
+
+
+def _value(detail: Mapping[str, Any]) -> str:
+    text = repr(detail.get("input"))
+    return text if len(text) <= _MAX_VALUE_REPR else text[: _MAX_VALUE_REPR - 3] + "..."
+
+
+def _keys(section: type[BaseModel]) -> str:
+    return ", ".join(section.model_fields)
+
+
+# ---------------------------------------------------------------------------- locations
+
+
+@dataclass(frozen=True)
+class _Place:
+    key: str  # dotted, as typed: "steps[0].min_words"
+    annotation: Any  # the type expected there; None when it could not be followed
+
+
+def _walk(model: type[BaseModel], loc: Sequence[int | str], prefix: str) -> _Place:
+    """Follow `loc` through the field annotations from `model`, writing the key as it goes.
+
+    Pydantic names the union member it tried as an extra location part (``"int"``,
+    ``"function-after[_check(), SourceConfig]"``): such parts pick the member and are not keys.
+    """
+    key: str = prefix
+    annotation: Any = model
     for part in loc:
+        options = _alternatives(annotation)
+        if len(options) > 1 and isinstance(part, str):
+            annotation = _member(options, part)
+            continue
+        current = options[0] if options else None
         if isinstance(part, int):
-            key += f"[{part}]"
+            key = f"{key}[{part}]"
+            annotation = _item(current, part)
+            continue
+        key = f"{key}.{part}" if key else part
+        section = _model(current)
+        if section is not None:
+            field = section.model_fields.get(part)
+            annotation = field.annotation if field is not None else None
         else:
-            key = f"{key}.{part}" if key else str(part)
-    return key
+            annotation = _mapping_value(current)
+    return _Place(key, annotation)
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    """The types an annotation may hold: the members of a union, the inside of Annotated."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is typing.Union or origin is types.UnionType:
-        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+def _alternatives(annotation: Any) -> list[Any]:
+    """The members of a union (None dropped, `Annotated` unwrapped); ``[annotation]`` otherwise."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = (_alternatives(arg) for arg in get_args(annotation))
+        return [m for member in members for m in member if m is not type(None)]
     return [annotation]
 
 
-def _step_into(annotation: Any, part: int | str) -> Any:
-    """The annotation of `annotation[part]`: a model's field, a sequence's item, a mapping's value."""
-    for candidate in _unwrap(annotation):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            field = candidate.model_fields.get(str(part))
-            if field is not None:
-                return field.annotation
-            continue
-        origin = typing.get_origin(candidate)
-        args = typing.get_args(candidate)
-        if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
-            return args[1]
-        if isinstance(part, int) and args:  # list[X], tuple[X, ...], set[X]: the item type
-            return args[0]
+def _member(options: Sequence[Any], tag: str) -> Any:
+    """The union member pydantic's location part `tag` names, else None."""
+    tag = tag.lower()
+    for option in options:
+        name = str(getattr(option, "__name__", "")).lower()
+        if name and (tag == name or tag.startswith(f"{name}[") or tag.endswith(f", {name}]")):
+            return option
     return None
 
 
-def _valid_keys(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
-    """The field names of the model found at `path` inside `model` (empty if it is not a model)."""
-    annotation: Any = model
-    for part in path:
-        annotation = _step_into(annotation, part)
-        if annotation is None:
-            return []
-    for candidate in _unwrap(annotation):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return list(candidate.model_fields)
-    return []
+def _item(annotation: Any, index: int) -> Any:
+    """The element type at `index` of a tuple/list/sequence annotation, else None."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        return args[index] if 0 <= index < len(args) else None
+    if isinstance(origin, type) and issubclass(origin, Sequence | set | frozenset) and args:
+        return args[0]
+    return None
 
 
-def _what_is_wrong(message: str) -> str:
-    for library_prefix in _LIBRARY_PREFIXES:
-        if message.startswith(library_prefix):
-            return message[len(library_prefix) :]
-    return message
+def _mapping_value(annotation: Any) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if isinstance(origin, type) and issubclass(origin, Mapping) and len(args) == 2:
+        return args[1]
+    return None
 
 
-def format_validation_error(
-    error: pydantic.ValidationError, model: type[BaseModel], *, prefix: str = ""
-) -> str:
-    """One line per problem in `error` (raised validating `model`), keys dotted under `prefix`.
-
-    ``  <dotted.key> = <value repr>: <what is wrong>`` for a bad value,
-    ``  <dotted.key>: unknown key; did you mean '<closest>'? valid keys: a, b, c`` for a key the
-    model does not have, ``  <dotted.key>: missing; this key is required`` for an absent one, and
-    ``  <prefix>: <what is wrong>`` for a check across several keys. No pydantic URLs.
-    """
-    lines = []
-    for problem in error.errors(include_url=False):
-        loc = tuple(problem["loc"])
-        key = _dotted(prefix, loc)
-        if problem["type"] == "extra_forbidden" and loc:
-            valid = _valid_keys(model, loc[:-1])
-            lines.append(f"  {key}: {unknown_name(str(loc[-1]), valid)}")
-        elif problem["type"] == "missing":
-            lines.append(f"  {key}: missing; this key is required")
-        elif not loc:
-            lines.append(f"  {key or model.__name__}: {_what_is_wrong(problem['msg'])}")
-        else:
-            lines.append(f"  {key} = {problem['input']!r}: {_what_is_wrong(problem['msg'])}")
-    return "\n".join(lines)
+def _model(annotation: Any) -> type[BaseModel] | None:
+    """`annotation` as a pydantic model class (an optional model counts), else None."""
+    options = _alternatives(annotation)
+    if len(options) == 1 and isinstance(options[0], type) and issubclass(options[0], BaseModel):
+        return options[0]
+    return None
