@@ -32,6 +32,7 @@ Run: ``uv run python benchmarks/train_scale_cpu.py [--json PATH]``. Defaults wri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -49,7 +50,7 @@ import torch
 from bench_common import cpu_name, timed
 from llama_data import Document, write_token_shards
 from llama_model import LlamaConfig, count_parameters
-from llama_train import BatchLoader, DataSource
+from llama_train.data import BatchLoader, DataSource
 from llama_train.schedules import BatchRamp, BatchStage
 
 # A model big enough that whole-model copies dominate the interpreter (about 0.9 GB in float32),
@@ -62,6 +63,7 @@ class _Bytes:
     """Bytes as tokens: enough for shards of pseudo-text."""
 
     name = "bytes"
+    sha256 = hashlib.sha256(b"UTF-8 bytes as token ids, vocabulary 256").hexdigest()
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
@@ -128,7 +130,7 @@ print(json.dumps({"peak_MiB": peak_mib()}))
 """
 
 _START_META = """
-from llama_model import initial_parameter
+from llama_model.initialization import initial_parameter
 with torch.device("meta"):
     model = Llama(config)
 # What `init_parameters` does on rank 0 of 8 after fully_shard: one full parameter generated at a
@@ -144,7 +146,7 @@ print(json.dumps({"peak_MiB": peak_mib()}))
 _EXPORT_WHOLE = """
 from pathlib import Path
 from llama_model import save_checkpoint
-from llama_train import average_checkpoints
+from llama_train.averaging import average_checkpoints
 sources = [Path(p) for p in sys.argv[2:4]]
 state = average_checkpoints(sources)
 with torch.device("meta"):

@@ -13,7 +13,7 @@ EXPECTED = [
     "GopherRepetitionFilter", "HtmlExtractor", "LLAMA3_PRETRAINING_MIX", "LanguageFilter",
     "LanguageIdentifier", "LineDedup", "LshIndex", "Manifest", "Mapper", "MinHasher", "NearDedup",
     "PiiScrubber", "Pipeline", "PipelineReport", "QualityFilter", "Step", "StepStats", "TokenKLFilter",
-    "TokenShards", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "read_documents",
+    "TokenShards", "TokenizerInfo", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "read_documents",
     "read_jsonl", "read_parquet", "read_warc", "route_by_language", "write_jsonl",
     "write_token_shards", "atomic_write", "publish_directory",
 ]  # fmt: skip

@@ -5,28 +5,41 @@ from __future__ import annotations
 import llama_model
 
 EXPECTED = [
-    "ChatFormat",
-    "EncodedDialog",
-    "KVCache",
-    "Llama",
-    "LlamaConfig",
-    "Message",
+    # configuration and sizes
     "PRESETS",
+    "LlamaConfig",
     "RopeScaling",
-    "Tokenizer",
-    "ToolCall",
-    "atomic_write",
     "count_parameters",
-    "document_positions",
     "flops_per_token",
     "format_validation_error",
-    "generate",
+    # the model
+    "Llama",
+    "document_positions",
     "init_parameters",
-    "initial_parameter",
+    # the attention seam
+    "AttentionBackend",
+    "AttentionKernel",
+    "Causal",
+    "Documents",
+    "Segments",
+    "ExplicitMask",
+    "CachedAttention",
+    # inference
+    "KVCache",
+    "KVCacheProtocol",
+    "decode_one_token",
+    "generate",
+    # text
+    "ChatFormat",
+    "EncodedDialog",
+    "Message",
+    "ToolCall",
+    "Tokenizer",
+    # checkpoints and crash-safe files
     "load_checkpoint",
-    "publish_directory",
-    "sample",
     "save_checkpoint",
+    "atomic_write",
+    "publish_directory",
 ]
 
 

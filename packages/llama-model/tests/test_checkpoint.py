@@ -456,17 +456,23 @@ def transformers_complaints() -> Iterator[list[str]]:
         complaints.extend(record.getMessage() for record in handler.records)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="debug-preset"),  # what llama-demo exports: 2K context, no scaling
+        # Llama 3.1's scaling needs a context above its original 8192 (transformers warns else).
+        pytest.param({"rope_scaling": RopeScaling(factor=8.0), "max_seq_len": 131_072}, id="3.1"),
+    ],
+)
 def test_export_loads_in_transformers_without_warnings(
-    tmp_path: Path, tokenizer: Tokenizer
+    tmp_path: Path, tokenizer: Tokenizer, overrides: dict[str, object]
 ) -> None:
     """An export with the real tokenizer loads through AutoConfig, AutoTokenizer and
     AutoModelForCausalLM with no warning raised or logged, and still tokenizes and computes like
     ours; without `transformers_version` in config.json the same tokenizer load logs the Mistral
     "incorrect regex pattern" warning (the cause, and proof that the capture sees it)."""
-    # Llama 3.1's context length: transformers also warns when llama3 RoPE scaling's original
-    # context (8192) is not below max_position_embeddings, as in the `debug` preset's 2048.
     config = LlamaConfig.from_preset(
-        "debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=131_072
+        "debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, **overrides
     )
     model = Llama(config).eval()
     model.init_weights(seed=0)

@@ -6,7 +6,16 @@ import pytest
 import torch
 import transformers
 
-from llama_model import KVCache, Llama, LlamaConfig, RopeScaling, generate, sample
+from llama_model import (
+    CachedAttention,
+    KVCache,
+    Llama,
+    LlamaConfig,
+    RopeScaling,
+    decode_one_token,
+    generate,
+)
+from llama_model.generate import sample
 
 # float32. Decoding one row at a time runs different matmul shapes than the full forward, so the
 # accumulation order differs: ulp-level noise on logits that reach |x| ~ 11 here is ~1e-5 absolute.
@@ -35,7 +44,8 @@ def test_token_by_token_decoding_equals_full_forward(model: Llama) -> None:
     cache = KVCache.for_model(model, batch_size=2, max_seq_len=32)
     with torch.no_grad():
         full = model(x)
-        stepwise = torch.cat([model(x[:, i : i + 1], cache=cache) for i in range(20)], dim=1)
+        steps = [model(x[:, i : i + 1], attention=cache.append(1)) for i in range(20)]
+        stepwise = torch.cat(steps, dim=1)
     torch.testing.assert_close(stepwise, full, **TOL)
     assert cache.length == 20
 
@@ -46,7 +56,9 @@ def test_chunked_prefill_equals_full_forward(model: Llama) -> None:
     cache = KVCache.for_model(model, batch_size=2, max_seq_len=17)
     with torch.no_grad():
         full = model(x)
-        chunks = [model(x[:, a:b], cache=cache) for a, b in ((0, 7), (7, 16), (16, 17))]
+        chunks = [
+            model(x[:, a:b], attention=cache.append(b - a)) for a, b in ((0, 7), (7, 16), (16, 17))
+        ]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, **TOL)
 
 
@@ -56,27 +68,78 @@ def test_cache_reset_reuses_memory(model: Llama) -> None:
     cache = KVCache.for_model(model, batch_size=2, max_seq_len=8)
     storage = cache.keys.data_ptr()
     with torch.no_grad():
-        first = model(x, cache=cache)
+        first = model(x, attention=cache.append(5))
         cache.reset()
-        second = model(x, cache=cache)
+        second = model(x, attention=cache.append(5))
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     assert cache.keys.data_ptr() == storage
 
 
 def test_cache_overflow_and_mismatch_are_errors(model: Llama) -> None:
-    """A full cache, a batch-size mismatch, a too-large cache and document_ids with a cache fail."""
+    """A full cache (appended or at an explicit position), a batch-size mismatch and a too-large
+    cache fail. (A cache and packed documents can no longer be combined: one backend per call.)"""
     cache = KVCache.for_model(model, batch_size=2, max_seq_len=4)
     with torch.no_grad():
-        model(tokens(4), cache=cache)
+        model(tokens(4), attention=cache.append(4))
         with pytest.raises(ValueError, match="KV cache is full"):
-            model(tokens(1), cache=cache)
+            model(tokens(1), attention=cache.append(1))
+        with pytest.raises(ValueError, match="KV cache is full: position 4"):
+            CachedAttention(cache, torch.tensor([[4], [0]]))
         with pytest.raises(ValueError, match="batch size 1"):
-            model(tokens(1)[:1], cache=KVCache.for_model(model, batch_size=2))
-        with pytest.raises(ValueError, match="document_ids"):
-            model(tokens(2), cache=KVCache.for_model(model, batch_size=2),
-                  document_ids=torch.zeros(2, 2, dtype=torch.long))  # fmt: skip
+            model(tokens(1)[:1], attention=KVCache.for_model(model, batch_size=2).append(1))
     with pytest.raises(ValueError, match="max_seq_len must be in"):
         KVCache(model.config, 1, 1000)
+
+
+def test_rows_at_different_positions_decode_as_if_alone(model: Llama) -> None:
+    """Two rows decoded together at different positions (continuous batching: one row 5 tokens
+    in, the other 11) give each row the logits of its own full forward."""
+    x = tokens(14, seed=5)
+    lengths = (5, 11)
+    cache = KVCache.for_model(model, batch_size=2, max_seq_len=16)
+    with torch.no_grad():
+        for row, length in enumerate(lengths):  # prefill each row alone into its cache row
+            alone = KVCache.for_model(model, batch_size=1, max_seq_len=16)
+            model(x[row : row + 1, :length], attention=alone.append(length))
+            cache.keys[:, row], cache.values[:, row] = alone.keys[:, 0], alone.values[:, 0]
+        positions = torch.tensor(lengths)
+        for _step in range(3):
+            token = x[torch.arange(2), positions]
+            logits = decode_one_token(model, token, positions, cache)  # [2, vocab]
+            for row in range(2):
+                full = model(x[row : row + 1, : int(positions[row]) + 1])[0, -1]
+                torch.testing.assert_close(logits[row], full, **TOL)
+            positions = positions + 1
+        # The mask matters: attending over the unwritten slots too changes the logits.
+        positions = positions - 1
+        leaky = CachedAttention(cache, positions[:, None])
+        leaky.mask = torch.ones_like(leaky.mask)
+        unmasked = model.logits(model.hidden_states(token[:, None], attention=leaky))[:, -1]
+        assert not torch.allclose(unmasked, logits, **TOL)
+
+
+def test_compiled_decode_step_compiles_once(model: Llama) -> None:
+    """torch.compile(decode_one_token, fullgraph=True) traces one graph that serves 32 decode
+    steps at moving, per-row positions (a recompile raises), and gives the eager logits."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(decode_one_token, backend=counter, fullgraph=True)
+    x = tokens(40, seed=6)
+    eager_cache = KVCache.for_model(model, batch_size=2, max_seq_len=48)
+    compiled_cache = KVCache.for_model(model, batch_size=2, max_seq_len=48)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for cache in (eager_cache, compiled_cache):
+            model(x[:, :6], attention=cache.append(6))
+        positions = torch.tensor([6, 4])  # rows at different positions
+        for i in range(32):
+            token = x[:, 6 + i]
+            expected = decode_one_token(model, token, positions, eager_cache)
+            got = step(model, token, positions, compiled_cache)
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+            positions = positions + 1
+    assert counter.frame_count == 1
 
 
 def test_greedy_generate_matches_transformers(model: Llama) -> None:

@@ -15,13 +15,16 @@ import torch
 import transformers
 
 from llama_model import (
+    Causal,
+    Documents,
+    ExplicitMask,
     KVCache,
     Llama,
     LlamaConfig,
     RopeScaling,
     document_positions,
-    initial_parameter,
 )
+from llama_model.initialization import initial_parameter
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -120,9 +123,9 @@ def test_logits_match_transformers_with_triton_kernels(monkeypatch: pytest.Monke
         torch.testing.assert_close(model(tokens), expected, **TOL)
         cache = KVCache.for_model(model, batch_size=1, max_seq_len=6)
         steps = [
-            model(tokens[:, :4], cache=cache),
-            model(tokens[:, 4:5], cache=cache),
-            model(tokens[:, 5:], cache=cache),
+            model(tokens[:, :4], attention=cache.append(4)),
+            model(tokens[:, 4:5], attention=cache.append(1)),
+            model(tokens[:, 5:], attention=cache.append(1)),
         ]
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, **TOL)
 
@@ -138,12 +141,15 @@ def test_explicit_positions_match_transformers() -> None:
     positions = torch.arange(100_000, 100_016)[None]
     with torch.no_grad():
         torch.testing.assert_close(
-            model(tokens, positions=positions), hf(tokens, position_ids=positions).logits, **TOL
+            model(tokens, attention=Causal(positions)),
+            hf(tokens, position_ids=positions).logits,
+            **TOL,
         )
 
 
 def test_document_mask_equals_separate_documents() -> None:
-    """With document_ids, each packed document's logits equal running that document alone."""
+    """With the Documents backend (positions restart per document by default), each packed
+    document's logits equal running that document alone."""
     config = tiny_config()
     torch.manual_seed(0)
     model = Llama(config).eval()
@@ -152,30 +158,32 @@ def test_document_mask_equals_separate_documents() -> None:
     tokens = torch.randint(0, config.vocab_size, (1, sum(lengths)))
     doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
     with torch.no_grad():
-        packed = model(tokens, document_ids=doc_ids, positions=document_positions(doc_ids))
+        packed = model(tokens, attention=Documents(doc_ids))
         start = 0
         for length in lengths:
             alone = model(tokens[:, start : start + length])
             torch.testing.assert_close(packed[:, start : start + length], alone, **TOL)
             start += length
         # Without the mask, later documents would see earlier ones: the test can tell.
-        unmasked = model(tokens, positions=document_positions(doc_ids))
+        unmasked = model(tokens, attention=Causal(document_positions(doc_ids)))
         assert not torch.allclose(unmasked[:, 5:14], packed[:, 5:14], **TOL)
+    # Positions restart per document by default (RoPE is relative, so logits alone cannot tell).
+    restarted = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert torch.equal(Documents(doc_ids).positions(1, 17, doc_ids.device), restarted)
 
 
 def _flex_vs_dense(
-    model: Llama, monkeypatch: pytest.MonkeyPatch, *, backward: bool
+    model: Llama, *, backward: bool
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     tokens = torch.randint(
         0, model.config.vocab_size, (2, 300), device=model.output_weight().device
     )
     doc_ids = torch.tensor([[0] * 7 + [1] * 200 + [2] * 93, [4] * 300], device=tokens.device)
     results = []
-    for backend in ("sdpa", "flex"):
-        monkeypatch.setenv("LLAMA_ATTENTION", backend)
+    for kernel in ("dense", "flex"):
         model.zero_grad()
         with torch.set_grad_enabled(backward):
-            logits = model(tokens, positions=document_positions(doc_ids), document_ids=doc_ids)
+            logits = model(tokens, attention=Documents(doc_ids, kernel=kernel))  # type: ignore[arg-type]
         if backward:
             logits.square().mean().backward()  # type: ignore[no-untyped-call]
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -185,17 +193,16 @@ def _flex_vs_dense(
 
 # On CPU FlexAttention runs its eager reference, which warns that it is unfused: expected here.
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile:UserWarning")
-def test_flex_attention_document_mask_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    """LLAMA_ATTENTION=flex (the CUDA default for packed documents: a block-sparse mask of 128-token
+def test_flex_attention_document_mask_matches_dense() -> None:
+    """kernel="flex" (the CUDA default for packed documents: a block-sparse mask of 128-token
     blocks, here crossing block edges) gives the logits of the dense-mask SDPA path. FlexAttention
     has no backward on CPU; the gradients are compared by the GPU test below."""
     model = Llama(tiny_config(max_seq_len=512))
     model.init_weights(seed=5, std=0.2)
-    (dense, _), (flex, _) = _flex_vs_dense(model, monkeypatch, backward=False)
+    (dense, _), (flex, _) = _flex_vs_dense(model, backward=False)
     torch.testing.assert_close(flex, dense, **TOL)
-    monkeypatch.setenv("LLAMA_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="LLAMA_ATTENTION must be auto, sdpa or flex, got 'fast'"):
-        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'dense' or 'flex', got 'fast'"):
+        Documents(torch.zeros(1, 4, dtype=torch.long), kernel="fast")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
@@ -205,21 +212,23 @@ def test_flex_attention_document_mask_matches_dense(monkeypatch: pytest.MonkeyPa
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")  # dynamo
-def test_flex_attention_gradients_match_dense_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flex_attention_gradients_match_dense_on_gpu() -> None:
     """On CUDA (compiled FlexAttention) logits and every gradient match the dense path (float32:
     TF32 off; atol 1e-4 since the fused kernel sums in another order)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = Llama(tiny_config(max_seq_len=512)).cuda()
     model.init_weights(seed=5, std=0.2)
-    (dense, dense_grads), (flex, flex_grads) = _flex_vs_dense(model, monkeypatch, backward=True)
+    (dense, dense_grads), (flex, flex_grads) = _flex_vs_dense(model, backward=True)
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
     for flex_grad, dense_grad in zip(flex_grads, dense_grads, strict=True):
         torch.testing.assert_close(flex_grad, dense_grad, atol=1e-4, rtol=1e-3)
 
 
-def test_explicit_attention_mask_and_kv_hook() -> None:
-    """attention_mask equals the mask document_ids builds; kv_hook sees [B, kv_heads, T, head_dim]
-    and what it returns is what attention uses (here: keys of a second, masked-out copy)."""
+def test_explicit_mask_and_a_callers_own_backend() -> None:
+    """ExplicitMask equals the mask Documents builds; a caller's own backend (any object with
+    `positions` and `__call__`, as context parallelism supplies) sees q [B, heads, T, head_dim] and
+    k, v [B, kv_heads, T, head_dim], and what it returns is what the model uses (here: attention
+    over a second, masked-out copy of garbage keys)."""
     config = tiny_config()
     model = Llama(config).eval()
     model.init_weights(seed=4, std=0.2)
@@ -228,34 +237,40 @@ def test_explicit_attention_mask_and_kv_hook() -> None:
     positions = document_positions(doc_ids)
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     mask = (same & torch.ones(12, 12, dtype=torch.bool).tril())[:, None]
-    seen: list[tuple[int, ...]] = []
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
-    def doubled(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen.append(tuple(k.shape))  # append garbage keys that the mask then hides
-        return torch.cat([k, 100 * k], dim=2), torch.cat([v, -v], dim=2)
+    class Doubled:
+        """Appends garbage keys that `key_mask` then hides (or not)."""
+
+        def __init__(self, key_mask: torch.Tensor) -> None:
+            self.key_mask = key_mask
+
+        def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+            return positions
+
+        def __call__(
+            self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        ) -> torch.Tensor:
+            seen.append((tuple(q.shape), tuple(k.shape)))
+            k, v = torch.cat([k, 100 * k], dim=2), torch.cat([v, -v], dim=2)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.key_mask, enable_gqa=True
+            )
 
     with torch.no_grad():
-        expected = model(tokens, positions=positions, document_ids=doc_ids)
-        torch.testing.assert_close(
-            model(tokens, positions=positions, attention_mask=mask), expected, **TOL
-        )
-        for layer in model.layers:
-            layer.attention.kv_hook = doubled
+        expected = model(tokens, attention=Documents(doc_ids))
+        explicit = ExplicitMask(mask, positions=positions)
+        torch.testing.assert_close(model(tokens, attention=explicit), expected, **TOL)
         wide = torch.cat([mask, torch.zeros_like(mask)], dim=-1)  # [B, 1, 12, 24]
-        torch.testing.assert_close(
-            model(tokens, positions=positions, attention_mask=wide), expected, **TOL
-        )
-        assert seen == [(2, config.n_kv_heads, 12, config.head_dim)] * config.n_layers
-        leaky = torch.cat([mask, torch.ones_like(mask)], dim=-1)  # the hook's keys now count
-        assert not torch.allclose(
-            model(tokens, positions=positions, attention_mask=leaky), expected
-        )
-    with pytest.raises(ValueError, match="attention_mask must be a boolean"):
-        model(tokens, positions=positions, attention_mask=mask.float())
-    with pytest.raises(ValueError, match="attention_mask needs explicit positions"):
-        model(tokens, attention_mask=mask)
-    with pytest.raises(ValueError, match="pass only one of"):
-        model(tokens, attention_mask=mask, document_ids=doc_ids)
+        torch.testing.assert_close(model(tokens, attention=Doubled(wide)), expected, **TOL)
+        heads = (2, config.n_heads, 12, config.head_dim)
+        assert seen == [(heads, (2, config.n_kv_heads, 12, config.head_dim))] * config.n_layers
+        leaky = torch.cat([mask, torch.ones_like(mask)], dim=-1)  # the extra keys now count
+        assert not torch.allclose(model(tokens, attention=Doubled(leaky)), expected)
+    with pytest.raises(ValueError, match="mask must be a boolean"):
+        ExplicitMask(mask.float())
+    with pytest.raises(ValueError, match="mask must be square"):
+        ExplicitMask(wide)
 
 
 def test_document_positions_restart_per_document() -> None:
@@ -275,9 +290,9 @@ def test_init_weights_is_reproducible_and_scaled() -> None:
         model.init_weights(seed=7)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
-    assert torch.equal(a.layers[0].attention_norm.weight, torch.ones(256))
-    wq_std = a.layers[0].attention.wq.weight.std().item()
-    wo_std = a.layers[0].attention.wo.weight.std().item()
+    assert torch.equal(a.layers["0"].attention_norm.weight, torch.ones(256))
+    wq_std = a.layers["0"].attention.wq.weight.std().item()
+    wo_std = a.layers["0"].attention.wo.weight.std().item()
     assert wq_std == pytest.approx(0.02, rel=0.05)
     assert wo_std == pytest.approx(0.02 / 4.0, rel=0.05)  # 1/sqrt(2 * 8 layers)
 
@@ -321,7 +336,7 @@ def test_init_parameters_fills_dtensor_shards_and_wrapped_names(tmp_path: Path) 
         mesh = init_device_mesh("cpu", (1,))
         with torch.device("meta"):
             model = Llama(config)
-        model.layers[1] = checkpoint_wrapper(model.layers[1])
+        model.layers["1"] = checkpoint_wrapper(model.layers["1"])
         model.to_empty(device="cpu")
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
@@ -363,9 +378,11 @@ def test_rope_survives_dtype_cast_and_meta_build() -> None:
     cast = Llama(config).to(torch.bfloat16)
     cast.load_state_dict(reference.state_dict())
     with torch.no_grad():
-        expected = reference(tokens, positions=positions)
-        torch.testing.assert_close(from_meta.eval()(tokens, positions=positions), expected, **TOL)
-        got = cast.eval()(tokens, positions=positions).float()
+        expected = reference(tokens, attention=Causal(positions))
+        torch.testing.assert_close(
+            from_meta.eval()(tokens, attention=Causal(positions)), expected, **TOL
+        )
+        got = cast.eval()(tokens, attention=Causal(positions)).float()
     # bf16 weights and activations: compare against the float32 model at bf16 resolution
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     assert from_meta.inv_freq(torch.device("cpu")).dtype == torch.float32
@@ -392,14 +409,19 @@ def test_bad_tokens_are_rejected() -> None:
     with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond max_seq_len"):
-        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[15, 16]]))
+        model(torch.zeros(1, 2, dtype=torch.long), attention=Causal(torch.tensor([[15, 16]])))
     with pytest.raises(ValueError, match="position -1 is negative"):
-        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[-1, 0]]))
+        model(torch.zeros(1, 2, dtype=torch.long), attention=Causal(torch.tensor([[-1, 0]])))
     with pytest.raises(TypeError, match="positions must be an integer"):
-        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[0.0, 1.0]]))
+        model(torch.zeros(1, 2, dtype=torch.long), attention=Causal(torch.tensor([[0.0, 1.0]])))
+    with pytest.raises(ValueError, match="positions must have the tokens' shape"):
+        model(torch.zeros(1, 2, dtype=torch.long), attention=Causal(torch.tensor([[0, 1, 2]])))
     with pytest.raises(ValueError, match=r"token id 512 is outside the vocabulary \[0, 512\)"):
         model(torch.tensor([[1, 512]]))
     with pytest.raises(ValueError, match="token id -3"):
         model(torch.tensor([[-3, 5]]))
     with pytest.raises(ValueError, match="document_ids must have"):
-        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 3, dtype=torch.long))
+        model(
+            torch.zeros(1, 4, dtype=torch.long),
+            attention=Documents(torch.zeros(1, 3, dtype=torch.long)),
+        )

@@ -268,7 +268,7 @@ _FSDP_WORKER = textwrap.dedent(
     for seed in (1, 2, 3):
         model = Llama(config)
         model.init_weights(seed=seed, std=0.1)
-        for layer in model.layers:
+        for layer in model.layers.values():
             fully_shard(layer)
         fully_shard(model)
         state = get_model_state_dict(model)

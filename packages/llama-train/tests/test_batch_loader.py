@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from llama_data import Document, TokenShards, write_token_shards
-from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource, packed_batches
+from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
 from llama_train.schedules import BatchRamp, BatchStage
 
 # byte ranges of the letter sources: one byte per document, disjoint across sources
@@ -461,22 +461,3 @@ def test_source_shorter_than_one_window_is_an_error(tmp_path: Path, letters: Let
     with pytest.raises(ValueError, match=r"data source 'tiny' has fewer than 17 tokens"):
         for _ in range(10):  # drawn in some step (each row is 'tiny' with probability 1/2)
             loader.next_batch()
-
-
-# ---------------------------------------------------------------- packed_batches
-
-
-def test_packed_batches_start_step_resumes_and_one_pass_ends(text_shards: TokenShards) -> None:
-    """`start_step=k` yields batches k, k+1, ... of the full stream, which has num_tokens // 17
-    windows, i.e. that // batch_size batches; targets are shifted inputs within a document."""
-    full = list(packed_batches(text_shards, batch_size=3, seq_len=16, seed=8))
-    assert len(full) == (text_shards.num_tokens // 17) // 3
-    for k in (1, 5, len(full) - 1):
-        resumed = list(packed_batches(text_shards, batch_size=3, seq_len=16, seed=8, start_step=k))
-        assert len(resumed) == len(full) - k
-        for actual, expected in zip(resumed, full[k:], strict=True):
-            _assert_same(actual, expected)
-    for batch in full:
-        same = batch.document_ids[:, 1:] == batch.document_ids[:, :-1]
-        assert torch.equal(batch.targets[:, :-1][same], batch.tokens[:, 1:][same])
-        assert (batch.targets[:, :-1][~same] == IGNORE_INDEX).all()

@@ -1,5 +1,6 @@
 """Context parallelism (§3.3.2): the load-balanced chunk layout, the shard's mask and positions, the
-hooks, and equality with one process on 2 and 4 gloo processes (`distributed/check_context_parallel.py`)."""
+attention backend, and equality with one process on 2 and 4 gloo processes
+(`distributed/check_context_parallel.py`)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ from subprocess import CompletedProcess
 import pytest
 import torch
 import torch.distributed as dist
+from oracle import language_model_loss
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llama_model import Llama, LlamaConfig
-from llama_model.model import Attention
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loop import language_model_loss
 from llama_train.parallel.context_parallel import (
+    ContextParallelAttention,
     context_parallel_loss,
     context_parallel_mask,
-    disable_context_parallel,
-    enable_context_parallel,
     load_balanced_index,
     shard_batch,
 )
@@ -144,22 +143,37 @@ def _tiny() -> tuple[Llama, Batch]:
     return model, Batch(tokens=tokens, targets=tokens.roll(-1, 1), document_ids=ids)
 
 
-def test_hooks_install_refuse_foreign_hooks_and_come_off(single_rank_mesh: DeviceMesh) -> None:
-    """enable hooks every layer (cp = 1 reproduces the plain loss), refuses others' hooks, disable undoes."""
+def test_the_backend_on_one_rank_is_the_plain_model(single_rank_mesh: DeviceMesh) -> None:
+    """With cp = 1 the backend's loss is the single-process loss, and the model is left as it
+    was: a plain forward afterwards gives the same loss (no hooks installed in the model)."""
     model, batch = _tiny()
-    enable_context_parallel(model, single_rank_mesh)
-    attentions = [m for m in model.modules() if isinstance(m, Attention)]
-    assert len(attentions) == 2 and all(a.kv_hook is not None for a in attentions)
-    torch.testing.assert_close(
-        context_parallel_loss(model, shard_batch(batch, 1, 0)), language_model_loss(model, batch)
-    )
-    disable_context_parallel(model)
-    assert all(a.kv_hook is None for a in attentions)
-    attentions[1].kv_hook = lambda k, v: (k, v)
-    with pytest.raises(ValueError, match="layer 1 already has a kv_hook"):
-        enable_context_parallel(model, single_rank_mesh)
-    with pytest.raises(ValueError, match="no llama_model Attention layers in Linear"):
-        enable_context_parallel(torch.nn.Linear(2, 2), single_rank_mesh)
+    expected = language_model_loss(model, batch)
+    shard = shard_batch(batch, 1, 0)
+    torch.testing.assert_close(context_parallel_loss(model, shard, single_rank_mesh), expected)
+    torch.testing.assert_close(language_model_loss(model, batch), expected, atol=0, rtol=0)
+
+
+def test_the_backend_attends_to_the_gathered_keys_under_its_mask(
+    single_rank_mesh: DeviceMesh,
+) -> None:
+    """Its attention is softmax(q kᵀ/√d + mask) v over the gathered keys in float64 (one rank:
+    the gather is the identity), grouped-query heads repeated; its positions are the shard's."""
+    ids = _packed_ids(2, 8, seed=5)
+    index = load_balanced_index(8, 1, 0)
+    mask = context_parallel_mask(ids, index)
+    positions = torch.arange(8).expand(2, 8)
+    backend = ContextParallelAttention(single_rank_mesh, positions, mask)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, heads, 8, 16, generator=g) for heads in (4, 2, 2))
+    k64, v64 = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
+    scores = (q.double() @ k64.transpose(-1, -2) / 4.0).masked_fill(~mask, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) @ v64).float()
+    torch.testing.assert_close(backend(0, q, k, v), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(backend.positions(2, 8, q.device), positions)
+    with pytest.raises(ValueError, match=r"do not match this rank's \[2, 7\] tokens"):
+        backend.positions(2, 7, q.device)
+    with pytest.raises(ValueError, match="mask must be \\[B, 1, T_local, T\\]"):
+        ContextParallelAttention(single_rank_mesh, positions, mask[0])
 
 
 @pytest.mark.distributed

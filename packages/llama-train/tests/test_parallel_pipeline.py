@@ -8,10 +8,10 @@ from subprocess import CompletedProcess
 
 import pytest
 import torch
+from oracle import language_model_loss
 
-from llama_model import Llama, LlamaConfig, document_positions
+from llama_model import Documents, Llama, LlamaConfig
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loop import language_model_loss
 from llama_train.parallel.pipeline import (
     check_layers_per_stage,
     check_schedule,
@@ -90,16 +90,15 @@ def test_stages_keep_the_full_models_parameter_names_once_each() -> None:
     """Each parameter is on exactly one stage, under its full-model name and with its value; the
     embedding is only on the first stage, the final norm and output only on the last."""
     model = tiny_model(tiny_config(6))
-    stages = [
-        stage
-        for rank in range(2)
-        for stage in split_llama(
+    per_rank = [
+        split_llama(
             model, pp_rank=rank, pp_size=2, stages_per_rank=2, layers_per_stage=[1, 2, 2, 1]
         )
+        for rank in range(2)
     ]
-    assert [s.stage_index for s in stages] == [0, 2, 1, 3]
-    stages.sort(key=lambda s: s.stage_index)
-    assert [s.layer_ids for s in stages] == [(0,), (1, 2), (3, 4), (5,)]
+    layer_ids = [[tuple(int(key) for key in s.layers) for s in stages] for stages in per_rank]
+    assert layer_ids == [[(0,), (3, 4)], [(1, 2), (5,)]]  # stage s runs on rank s % 2
+    stages = [per_rank[0][0], per_rank[1][0], per_rank[0][1], per_rank[1][1]]  # stage order
     names = [dict(s.named_parameters()) for s in stages]
     assert "tok_embeddings.weight" in names[0] and "layers.0.attention.wq.weight" in names[0]
     assert set(names[0]) - {"tok_embeddings.weight"} == {
@@ -131,7 +130,7 @@ def test_stages_in_sequence_equal_the_model_and_micro_batch_grads_sum_to_the_bat
     for rows in (slice(0, 2), slice(2, 4)):  # two micro-batches
         h = batch.tokens[rows]
         for stage in stages:
-            h = stage(h, document_ids=batch.document_ids[rows])
+            h = stage(h, attention=Documents(batch.document_ids[rows]))
         loss = pipeline_loss(h, batch.targets[rows], num_targets=count)
         loss.backward()  # type: ignore[no-untyped-call]
         total += loss.detach()
@@ -142,8 +141,8 @@ def test_stages_in_sequence_equal_the_model_and_micro_batch_grads_sum_to_the_bat
         torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_without_document_ids_a_stage_is_plain_causal() -> None:
-    """No document_ids: one stage holding everything equals `model(tokens)`."""
+def test_without_an_attention_backend_a_stage_is_plain_causal() -> None:
+    """No backend: one stage holding everything equals `model(tokens)`."""
     model = tiny_model(tiny_config(2))
     (stage,) = split_llama(model, pp_rank=0, pp_size=1)
     tokens = packed_batch(model.config).tokens
@@ -158,8 +157,8 @@ def test_tied_embeddings_split_only_into_one_stage() -> None:
     (stage,) = split_llama(model, pp_rank=0, pp_size=1)
     assert "output.weight" not in dict(stage.named_parameters())
     batch = packed_batch(model.config)
-    expected = model(batch.tokens, document_ids=batch.document_ids)
-    got = stage(batch.tokens, document_ids=batch.document_ids)
+    expected = model(batch.tokens, attention=Documents(batch.document_ids))
+    got = stage(batch.tokens, attention=Documents(batch.document_ids))
     assert not torch.allclose(got, stage(batch.tokens))  # the documents' mask matters here
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
@@ -219,25 +218,25 @@ def test_schedules_with_fsdp_data_parallel_match_one_process(
 
 
 def _stage_chain_vs_model(device: str, monkeypatch: pytest.MonkeyPatch, *, backward: bool) -> None:
-    monkeypatch.setenv("LLAMA_ATTENTION", "flex")
     # head_dim 16: the least compiled FlexAttention takes
     model = tiny_model(tiny_config(4).model_copy(update={"dim": 64})).to(device)
     batch = packed_batch(model.config)
     tokens, ids = batch.tokens.to(device), batch.document_ids.to(device)
     stages = split_llama(model, pp_rank=0, pp_size=1, stages_per_rank=2)
-    import llama_model.model as model_module
+    import llama_model.attention as attention_module
 
     calls: list[int] = []
-    flex = model_module._flex_attention
+    flex = attention_module._flex_attention
 
     def counted(*args: object) -> torch.Tensor:
         calls.append(1)
         return flex(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(model_module, "_flex_attention", counted)
+    monkeypatch.setattr(attention_module, "_flex_attention", counted)
     with torch.set_grad_enabled(backward):
-        expected = model(tokens, positions=document_positions(ids), document_ids=ids)
-        got = stages[1](stages[0](tokens, document_ids=ids), document_ids=ids)
+        expected = model(tokens, attention=Documents(ids, kernel="flex"))
+        attention = Documents(ids, kernel="flex")
+        got = stages[1](stages[0](tokens, attention=attention), attention=attention)
     assert len(calls) == 2 * model.config.n_layers  # the model's layers, then the stages' layers
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     if backward:
@@ -252,8 +251,8 @@ def _stage_chain_vs_model(device: str, monkeypatch: pytest.MonkeyPatch, *, backw
 # On CPU FlexAttention runs its eager reference, which warns that it is unfused: expected here.
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile:UserWarning")
 def test_stages_use_the_models_flex_document_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With FlexAttention (the CUDA default) stages build the model's block mask and give its
-    logits (CPU: forward only, FlexAttention has no CPU backward)."""
+    """With FlexAttention (the CUDA default) chained stages give the model's logits (CPU: forward
+    only, FlexAttention has no CPU backward)."""
     _stage_chain_vs_model("cpu", monkeypatch, backward=False)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import _common  # tests/distributed/_common.py, on sys.path via conftest
 import pytest
 import torch
+from oracle import language_model_loss
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -38,7 +39,6 @@ from llama_model.checkpoint import from_hf_name
 from llama_train.checkpoint import TrainCheckpointer
 from llama_train.config import TrainConfig
 from llama_train.data import Batch
-from llama_train.loop import language_model_loss
 from llama_train.trainer import Trainer, TrainResult
 
 WORKERS = Path(__file__).parent / "distributed"

@@ -10,7 +10,6 @@ import itertools
 import math
 
 import pytest
-import torch
 from pydantic import ValidationError
 
 from llama_train.schedules import (
@@ -20,7 +19,6 @@ from llama_train.schedules import (
     ContextStage,
     LrSchedule,
     annealed_lr,
-    torch_lr_lambda,
 )
 
 PEAK = 8e-5
@@ -139,18 +137,6 @@ def test_annealing_rejects_end_not_after_start() -> None:
 
 
 # ---------------------------------------------------------------- torch adapter
-
-
-def test_torch_lambda_drives_lambda_lr() -> None:
-    """With LambdaLR at base lr = peak, the optimizer's lr after 4 steps of 8 warmup is peak/2."""
-    schedule = LrSchedule(peak_lr=1e-3, warmup_steps=8, total_steps=100, final_lr=1e-5)
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([parameter], lr=schedule.peak_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, torch_lr_lambda(schedule))
-    for _ in range(4):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-12)
 
 
 # ---------------------------------------------------------------- batch ramp

@@ -144,3 +144,41 @@ def test_annealing_mix_continues_the_batch_ramp(shards: Path, tmp_path: Path) ->
         "step-00000004",
         "step-00000005",
     ]
+
+
+def test_sources_of_one_run_share_one_tokenizer(shards: Path, tmp_path: Path) -> None:
+    """Mixing shards written by two tokenizers (here the annealing mix) is an error naming both
+    sources and both tokenizers; so is mixing in an old manifest that cannot tell. One source of
+    either kind alone trains."""
+    from llama_data import Document, write_token_shards
+
+    class ReversedBytes:
+        """Another tokenizer over the same 256 ids: ids mean other things than in 'tiny'."""
+
+        vocab_size, name, sha256 = 256, "reversed-bytes", "ab" * 32
+
+        def encode(self, text: str) -> list[int]:
+            return [255 - b for b in text.encode("utf-8")]
+
+    other = tmp_path / "other"
+    docs = [Document(id=str(i), text="alpha beta gamma " * 20) for i in range(8)]
+    write_token_shards(docs, ReversedBytes(), other, add_bos=False, add_eos=False)
+    base = _common.trainer_overrides(str(shards), str(tmp_path / "x"))
+    mixes = {
+        "data": f'data.sources=[{{path="{shards}"}}, {{path="{other}"}}]',
+        "anneal": f'anneal.sources=[{{path="{other}"}}]',
+    }
+    for where, mix in mixes.items():
+        with pytest.raises(ValueError, match="tokenized differently") as error:
+            Trainer(TrainConfig.load(None, [*base, mix, "steps=4", "anneal.steps=2"]))
+        message = str(error.value)
+        assert "'tiny'" in message and "'other'" in message, where
+        assert "'bytes'" in message and "'reversed-bytes'" in message, where
+
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"].update(name="unknown", sha256="unknown")  # as old manifests say
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="'other' does not record its tokenizer"):
+        Trainer(TrainConfig.load(None, [*base, mixes["data"]]))
+    trainer = Trainer(TrainConfig.load(None, [*base, f'data.sources=[{{path="{other}"}}]']))
+    trainer.close()

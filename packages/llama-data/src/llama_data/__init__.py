@@ -21,7 +21,7 @@ from llama_data.pipeline import Pipeline, PipelineReport
 from llama_data.quality import FastTextClassifier, QualityFilter
 from llama_data.quality_rules import GopherQualityFilter, GopherRepetitionFilter
 from llama_data.readers import read_documents, read_jsonl, read_parquet, write_jsonl
-from llama_data.shards import Manifest, write_token_shards
+from llama_data.shards import Manifest, TokenizerInfo, write_token_shards
 from llama_data.token_shards import TokenShards, WindowStream
 from llama_data.warc import read_warc
 
@@ -70,6 +70,7 @@ __all__ = [
     "Manifest",
     "Pipeline",
     "PipelineReport",
+    "TokenizerInfo",
     "TokenShards",
     "WindowStream",
     "write_token_shards",

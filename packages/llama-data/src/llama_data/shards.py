@@ -234,11 +234,11 @@ def _tokenizer_identity(tokenizer: object, name: str | None, sha256: str | None)
         if not (isinstance(value, str) and value.strip())
     ]
     if missing:
-        attributes = " and ".join(f"a {attribute} attribute" for _, attribute in missing)
+        attributes = " or ".join(attribute for _, attribute in missing)
         arguments = ", ".join(f"{argument}=..." for argument, _ in missing)
         raise ValueError(
             f"write_token_shards records which tokenizer wrote the shards (llama-train checks "
-            f"that every source of a run shares one), but {kind} has no {attributes} (found "
+            f"that every source of a run shares one), but {kind} has no {attributes} attribute (found "
             f"name={own_name!r}, sha256={own_sha256!r}); pass {arguments} ({_HOW_TO_NAME})"
         )
     assert isinstance(name, str) and isinstance(sha256, str)  # checked just above
@@ -278,6 +278,11 @@ class TokenizerInfo(BaseModel):
     identity two datasets must share to be mixed; "unknown" in old manifests."""
     vocab_size: int = Field(ge=1, le=MAX_VOCAB_SIZE)
     """Number of token ids; every token in the shards is below it."""
+
+    @property
+    def known(self) -> bool:
+        """Whether the identity was recorded (False for old manifests that say "unknown")."""
+        return self.sha256 != UNKNOWN_TOKENIZER
 
 
 class ShardInfo(BaseModel):

@@ -1,18 +1,31 @@
 """llama_model: the Llama 3 architecture, and the one place in llama3 where it is defined.
 
-Configs and named sizes, the `Llama` module, KV-cached generation, the tiktoken tokenizer, the Llama
-3.1 chat format, and checkpoint I/O in the Hugging Face and Meta layouts ("The Llama 3 Herd of
-Models", arXiv 2407.21783, §3.2 and Table 3).
+Configs and named sizes, the `Llama` module and its attention seam (the caller says which keys each
+query sees: causal, packed documents, segments, a mask, a KV cache, or its own backend),
+KV-cached generation, the tiktoken tokenizer, the Llama 3.1 chat format, checkpoint I/O in the
+Hugging Face and Meta layouts ("The Llama 3 Herd of Models", arXiv 2407.21783, §3.2 and Table 3),
+and the crash-safe file writes every package with torch uses.
 """
 
 from llama_model.atomic import atomic_write, publish_directory
-from llama_model.cache import KVCache
+from llama_model.attention import (
+    AttentionBackend,
+    AttentionKernel,
+    CachedAttention,
+    Causal,
+    Documents,
+    ExplicitMask,
+    Segments,
+)
+from llama_model.cache import KVCache, KVCacheProtocol
 from llama_model.chat import ChatFormat, EncodedDialog, Message, ToolCall
 from llama_model.checkpoint import load_checkpoint, save_checkpoint
 from llama_model.config import PRESETS, LlamaConfig, RopeScaling, count_parameters, flops_per_token
 from llama_model.config_errors import format_validation_error
-from llama_model.generate import generate, sample
-from llama_model.model import Llama, document_positions, init_parameters, initial_parameter
+from llama_model.generate import decode_one_token, generate
+from llama_model.initialization import init_parameters
+from llama_model.masks import document_positions
+from llama_model.model import Llama
 from llama_model.tokenizer import Tokenizer
 
 __all__ = [
@@ -27,11 +40,19 @@ __all__ = [
     "Llama",
     "document_positions",
     "init_parameters",
-    "initial_parameter",
+    # the attention seam: which keys each query sees (model(tokens, attention=...))
+    "AttentionBackend",
+    "AttentionKernel",
+    "Causal",
+    "Documents",
+    "Segments",
+    "ExplicitMask",
+    "CachedAttention",
     # inference
     "KVCache",
+    "KVCacheProtocol",
+    "decode_one_token",
     "generate",
-    "sample",
     # text
     "ChatFormat",
     "EncodedDialog",

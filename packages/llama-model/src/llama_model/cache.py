@@ -1,30 +1,63 @@
-"""A preallocated key/value cache for autoregressive decoding.
+"""Key/value caches for autoregressive decoding: the protocol and a contiguous implementation.
 
-Keys and values of every layer live in two tensors allocated once, [n_layers, B, n_kv_heads,
-max_seq_len, head_dim], so decoding never reallocates or concatenates. All batch rows share one fill
-level (`length`). Only the n_kv_heads key/value heads are stored: grouped-query attention shrinks the
+`KVCacheProtocol` is what `llama_model.attention.CachedAttention` needs from a cache: write a
+layer's new keys and values at their positions, and return every key and value each row can attend
+to, laid out so that slot s holds position s. Shapes are fixed by the cache, never by how many
+tokens it holds, so a decode step compiles once (gpt-fast's way).
+
+`KVCache` keeps each row's keys and values in one preallocated buffer per layer: [n_layers, B,
+n_kv_heads, max_seq_len, head_dim] for keys and for values, written in place, never reallocated or
+concatenated. Only the n_kv_heads key/value heads are stored: grouped-query attention shrinks the
 cache by n_heads / n_kv_heads (4x for 8B, 16x for 405B; §3.2).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from llama_model.config import LlamaConfig
 
 if TYPE_CHECKING:
+    from llama_model.attention import CachedAttention
     from llama_model.model import Llama
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "KVCacheProtocol"]
+
+
+@runtime_checkable
+class KVCacheProtocol(Protocol):
+    """The storage behind `CachedAttention`.
+
+    A paged cache (llama-serve) implements it with a block table per row: `update` writes position
+    p of row b into block ``block_table[b, p // block_size]`` at offset ``p % block_size`` and
+    returns the row's blocks gathered in table order (a fixed number of blocks per row), so that
+    slot s again holds position s. Rows that share a prompt share its blocks.
+    """
+
+    @property
+    def max_seq_len(self) -> int:
+        """S: the key/value slots `update` returns per row; positions must be below it."""
+        ...
+
+    def update(
+        self, layer_id: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer_id`'s new keys and values [B, n_kv_heads, T, head_dim] at
+        `positions` [B or 1, T]; return all of the layer's keys and values [B, n_kv_heads, S,
+        head_dim], slot s holding position s (slots not yet written hold anything: the attention
+        mask hides every slot beyond a query's position)."""
+        ...
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer of one model.
+    """A contiguous cache for `batch_size` rows of up to `max_seq_len` positions each.
 
-    The model writes a layer's new keys and values with `update` and, after its last layer, calls
-    `advance`; `reset` empties the cache for a new sequence without reallocating.
+    Positions are the caller's: `CachedAttention(cache, positions)` writes wherever they say (rows
+    may be at different positions). For the common case of rows that advance together, `append(n)`
+    returns the backend for the next n positions and counts them in `length`; `reset` starts over
+    without reallocating.
     """
 
     def __init__(
@@ -47,14 +80,14 @@ class KVCache:
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.length = 0  # positions handed out by `append`
 
     @classmethod
     def for_model(
         cls, model: Llama, batch_size: int = 1, max_seq_len: int | None = None
     ) -> KVCache:
         """A cache matching `model`'s config, parameter dtype and device."""
-        weight = model.tok_embeddings.weight
+        weight = model.output_weight()
         return cls(model.config, batch_size, max_seq_len, dtype=weight.dtype, device=weight.device)
 
     @property
@@ -65,31 +98,34 @@ class KVCache:
     def max_seq_len(self) -> int:
         return self.keys.shape[3]
 
-    def check_room(self, batch_size: int, seq_len: int) -> None:
-        """Raise a clear error if `seq_len` more tokens of `batch_size` rows do not fit."""
-        if batch_size != self.batch_size:
+    def update(
+        self, layer_id: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values [B, n_kv_heads, T, head_dim] at positions [B or 1, T]; return the
+        layer's buffers [B, n_kv_heads, max_seq_len, head_dim] (views, no copy)."""
+        batch, heads, seq_len, head_dim = keys.shape
+        if batch != self.batch_size:
             raise ValueError(
-                f"tokens have batch size {batch_size} but the cache was built for {self.batch_size}"
+                f"tokens have batch size {batch} but the cache was built for {self.batch_size}"
             )
+        index = positions[:, None, :, None].expand(batch, heads, seq_len, head_dim)
+        self.keys[layer_id].scatter_(2, index, keys.to(self.keys.dtype))
+        self.values[layer_id].scatter_(2, index, values.to(self.values.dtype))
+        return self.keys[layer_id], self.values[layer_id]
+
+    def append(self, seq_len: int) -> CachedAttention:
+        """The attention backend for the next `seq_len` positions of every row (positions
+        ``length .. length + seq_len - 1``); counts them in `length`."""
+        from llama_model.attention import CachedAttention
+
         if self.length + seq_len > self.max_seq_len:
             raise ValueError(
                 f"KV cache is full: {self.length} cached + {seq_len} new tokens exceed its "
                 f"max_seq_len {self.max_seq_len}; build a larger cache or call reset()"
             )
-
-    def update(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's new keys/values [B, n_kv_heads, T, head_dim] after the cached ones and
-        return all of them, [B, n_kv_heads, length + T, head_dim] (views, no copy)."""
-        end = self.length + keys.shape[2]
-        self.keys[layer, :, :, self.length : end] = keys
-        self.values[layer, :, :, self.length : end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, seq_len: int) -> None:
-        """Mark `seq_len` more positions as filled (called once per forward, after all layers)."""
+        positions = torch.arange(self.length, self.length + seq_len, device=self.keys.device)
         self.length += seq_len
+        return CachedAttention(self, positions[None, :])
 
     def reset(self) -> None:
         """Forget every cached token; the memory is kept for the next sequence."""

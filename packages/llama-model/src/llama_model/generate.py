@@ -1,9 +1,11 @@
 """Simple KV-cached text generation for tests, demos and rejection sampling at small scale.
 
 Split into small pure steps, as gpt-fast does, so that each can be timed or compiled on its own:
-`prefill` (the whole prompt, one forward), `decode_one_token` (one new token against the cache) and
-`sample` (greedy, temperature, nucleus/top-p of Holtzman et al. 2019). Production serving lives in
-llama-serve; this is the readable reference loop.
+`prefill` (the whole prompt, one forward), `decode_one_token` (one new token per row against the
+cache, at positions given as a tensor: static shapes, so ``torch.compile(decode_one_token,
+fullgraph=True)`` compiles it once for every position) and `sample` (greedy, temperature,
+nucleus/top-p of Holtzman et al. 2019). Production serving lives in llama-serve; this is the
+readable reference loop.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from llama_model.cache import KVCache
+from llama_model.attention import CachedAttention
+from llama_model.cache import KVCache, KVCacheProtocol
 from llama_model.model import Llama
 
 __all__ = ["decode_one_token", "generate", "prefill", "sample"]
@@ -44,15 +47,20 @@ def sample(
 
 @torch.inference_mode()
 def prefill(model: Llama, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt [B, T] through the model, filling `cache`; returns the last logits [B, vocab]."""
-    hidden = model.hidden_states(tokens, cache=cache)
+    """Run the prompt [B, T] through the model after what `cache` holds (`KVCache.append`);
+    returns the last logits [B, vocab]."""
+    hidden = model.hidden_states(tokens, attention=cache.append(tokens.shape[1]))
     return model.logits(hidden[:, -1])
 
 
-@torch.inference_mode()
-def decode_one_token(model: Llama, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per row [B] at the cache's position; returns the next logits [B, vocab]."""
-    hidden = model.hidden_states(token[:, None], cache=cache)
+def decode_one_token(
+    model: Llama, token: torch.Tensor, positions: torch.Tensor, cache: KVCacheProtocol
+) -> torch.Tensor:
+    """Feed one token per row, token [B] at positions [B] (rows may differ), writing its keys and
+    values into `cache`; returns the next logits [B, vocab]. Shapes never depend on the positions,
+    so a compiled decode step is traced once. (Call it under `torch.inference_mode()`.)"""
+    attention = CachedAttention(cache, positions[:, None])
+    hidden = model.hidden_states(token[:, None], attention=attention)  # [B, 1, dim]
     return model.logits(hidden[:, -1])
 
 
@@ -91,17 +99,19 @@ def generate(
     if cache is None:
         cache = KVCache.for_model(model, batch_size=1, max_seq_len=total)
     cache.reset()
-    device = model.tok_embeddings.weight.device
+    device = model.output_weight().device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stops = set(stop_tokens)
 
     logits = prefill(model, torch.tensor([list(prompt)], device=device), cache)
+    position = torch.tensor([len(prompt)], device=device)
     new_tokens: list[int] = []
     while True:
         token = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
         new_tokens.append(int(token[0]))
         if new_tokens[-1] in stops or len(new_tokens) == max_new_tokens:
             return new_tokens
-        logits = decode_one_token(model, token, cache)
+        logits = decode_one_token(model, token, position, cache)
+        position += 1

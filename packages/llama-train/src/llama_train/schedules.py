@@ -8,8 +8,7 @@ Implements the schedule parts of "The Llama 3 Herd of Models" (Llama Team, 2024)
 - §3.4.3 annealing: the learning rate goes linearly to 0 at the end (:func:`annealed_lr`).
 
 Everything here is a pure function of a step or token count, so it can be tested exactly and
-plugged into any training loop; :func:`torch_lr_lambda` adapts an :class:`LrSchedule` to
-``torch.optim.lr_scheduler.LambdaLR``.
+plugged into any training loop.
 
 Units. The paper writes "4M tokens" for a batch of 1,024 sequences of 4,096 tokens, so batch
 sizes here are binary: ``M = 2**20`` (4M = 4 x 2**20 = 4,194,304 = 1,024 x 4,096 tokens).
@@ -20,7 +19,6 @@ of the corpus, so thresholds here are decimal: 252M = 252 x 10**6.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -31,7 +29,6 @@ __all__ = [
     "ContextStage",
     "ContextSchedule",
     "annealed_lr",
-    "torch_lr_lambda",
     "MI",
     "LLAMA3_ANNEAL_TOKENS",
 ]
@@ -122,19 +119,6 @@ def annealed_lr(schedule: LrSchedule, step: int, anneal_start_step: int, total_s
         return 0.0
     start_lr = schedule.lr(anneal_start_step)
     return start_lr * (total_steps - step) / (total_steps - anneal_start_step)
-
-
-def torch_lr_lambda(schedule: LrSchedule) -> Callable[[int], float]:
-    """A multiplier for ``torch.optim.lr_scheduler.LambdaLR``: ``lr(step) / peak_lr``.
-
-    ``LambdaLR`` multiplies the optimizer's base learning rate by this factor, so build the
-    optimizer with ``lr=schedule.peak_lr``. Needs no torch import.
-    """
-
-    def lr_lambda(step: int) -> float:
-        return schedule.lr(step) / schedule.peak_lr
-
-    return lr_lambda
 
 
 # --------------------------------------------------------------------------------------------

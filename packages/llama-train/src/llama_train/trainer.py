@@ -35,12 +35,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
 from tqdm import tqdm
 
-from llama_data import TokenShards
-from llama_model import Llama, LlamaConfig, Tokenizer, document_positions, flops_per_token
+from llama_data import TokenizerInfo, TokenShards
+from llama_model import AttentionBackend, Documents, Llama, LlamaConfig, Tokenizer, flops_per_token
 from llama_model import save_checkpoint as export_checkpoint
 from llama_train.averaging import CheckpointAverage
 from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
@@ -48,10 +46,13 @@ from llama_train.config import SourceConfig, TrainConfig
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
 from llama_train.loss import summed_cross_entropy
 from llama_train.metrics import MetricsLogger, memory_stats, model_flops_utilization, peak_flops
+from llama_train.optimizer import build_optimizer, set_learning_rate
 from llama_train.parallel.compose import parallelize
-from llama_train.parallel.context_parallel import shard_batch
+from llama_train.parallel.context_parallel import ContextParallelAttention, shard_batch
+from llama_train.parallel.distributed import init_distributed
+from llama_train.parallel.grad_norm import clip_grad_norm
 from llama_train.parallel.mesh import build_mesh
-from llama_train.parallel.pipeline import build_pipeline
+from llama_train.parallel.pipeline import Pipeline, build_pipeline
 from llama_train.schedules import annealed_lr
 from llama_train.spikes import SpikeDetector
 
@@ -80,7 +81,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.device, self._owns_group = _init_distributed(config.device)
+        self.device, self._owns_group = init_distributed(config.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dims = config.parallel.dims().resolve(self.world_size)
         self.mesh = build_mesh(self.dims, self.world_size, self.device.type)
@@ -88,13 +89,21 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
 
         sources = self._sources(config.data.sources, "data.sources")  # fail before building
+        anneal_sources = (
+            self._sources(config.anneal.sources, "anneal.sources")
+            if config.anneal.steps and config.anneal.sources
+            else []
+        )
+        self.tokenizer_info = _one_tokenizer([*sources, *anneal_sources])
         # Built without memory; each rank materialises and initialises only its parts and shards.
         with torch.device("meta"):
             model = Llama(self.model_config)
         self.parts, self.pipeline = parallelize(model, self.mesh, self.dims, config, self.device)
         self._pipeline_shape: tuple[int, ...] | None = None
         self._rollbacks_since_accepted = 0
-        self.optimizers = [self._adamw(part) for part in self.parts]
+        self.optimizers: list[torch.optim.Optimizer] = [
+            build_optimizer(part, config.optimizer, self.device) for part in self.parts
+        ]
         self._fsdp = self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1
         # The float32 upcast of the [B, T, vocab] logits and the cross-entropy, fused by inductor
         # when compiling (the largest activation of a small model: +2-3% MFU on an H100).
@@ -110,7 +119,7 @@ class Trainer:
         self.anneal_loader: BatchLoader | None = None
         if config.anneal.steps and config.anneal.sources:
             self.anneal_loader = BatchLoader(
-                self._sources(config.anneal.sources, "anneal.sources"),
+                anneal_sources,
                 ramp,
                 seed=config.data.seed + 1,
                 dp_rank=dp_rank,
@@ -152,21 +161,6 @@ class Trainer:
                 "checkpoint.resume is off: moved the earlier run's checkpoints to %s", aside
             )
         dist.barrier()
-
-    def _adamw(self, part: nn.Module) -> torch.optim.Optimizer:
-        o = self.config.optimizer
-        decay = [q for q in part.parameters() if q.dim() >= 2]  # matrices; not norm gains
-        no_decay = [q for q in part.parameters() if q.dim() < 2]
-        return torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": o.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=o.peak_lr,
-            betas=o.betas,
-            eps=o.eps,
-            fused=self.device.type == "cuda",  # one kernel for all tensors: +3-4% MFU on an H100
-        )
 
     def _sources(self, configs: tuple[SourceConfig, ...], where: str) -> list[DataSource]:
         if not configs:
@@ -229,96 +223,60 @@ class Trainer:
 
     def forward_backward(self, batch: Batch) -> float:
         """Accumulate this rank's gradients for `batch`; returns the global batch's mean loss."""
-        batch = Batch(
-            *(
-                t.to(self.device, non_blocking=True)
-                for t in (batch.tokens, batch.targets, batch.document_ids)
-            )
+        tokens, targets, document_ids = (
+            t.to(self.device, non_blocking=True)
+            for t in (batch.tokens, batch.targets, batch.document_ids)
         )
-        count = (batch.targets != IGNORE_INDEX).sum().to(torch.float32)
+        count = (targets != IGNORE_INDEX).sum().to(torch.float32)
         if self.dims.dp > 1:
             dist.all_reduce(count, group=self.mesh["dp"].get_group())
         count = count.clamp(min=1.0)
-        if self.pipeline is not None:
-            shape = tuple(batch.tokens.shape)
-            if self._pipeline_shape not in (None, shape):  # a ramp stage changed rows or length:
-                self.pipeline = build_pipeline(  # PyTorch fixes the shapes at the first step
-                    self.parts,
-                    schedule=self.config.parallel.pp_schedule,
-                    n_microbatches=self.config.parallel.pp_microbatches,
-                    device=self.device,
-                    group=self.mesh["pp"].get_group(),
+        attention: AttentionBackend
+        if self.dims.cp > 1:  # this rank's chunks; keys and values gathered from the others
+            shard = shard_batch(
+                Batch(tokens, targets, document_ids), self.dims.cp, self.mesh["cp"].get_local_rank()
+            )
+            tokens, targets = shard.tokens, shard.targets
+            attention = ContextParallelAttention(
+                self.mesh["cp"], shard.positions, shard.attention_mask
+            )
+        else:  # packed documents (§3.2), positions restarting per document
+            attention = Documents(document_ids, kernel=self.config.model.attention_kernel)
+        with self._autocast():
+            if self.pipeline is not None:
+                pipeline = self._pipeline_for(tuple(tokens.shape))
+                loss = pipeline.step(
+                    tokens, targets, attention=attention, num_targets=count, broadcast_loss=True
                 )
-            self._pipeline_shape = shape
-            with self._autocast():
-                if self.dims.cp > 1:
-                    shard = shard_batch(batch, self.dims.cp, self.mesh["cp"].get_local_rank())
-                    local = Batch(shard.tokens, shard.targets, shard.tokens)  # ids unused here
-                    loss = self.pipeline.step(
-                        local,
-                        num_targets=count,
-                        broadcast_loss=True,
-                        positions=shard.positions,
-                        attention_mask=shard.attention_mask,
-                    )
-                else:
-                    loss = self.pipeline.step(batch, num_targets=count, broadcast_loss=True)
-            assert loss is not None
-            loss = loss.detach().float()
-        else:
-            model = self.parts[0]
-            with self._autocast():
-                if self.dims.cp > 1:
-                    shard = shard_batch(batch, self.dims.cp, self.mesh["cp"].get_local_rank())
-                    logits = model(
-                        shard.tokens, positions=shard.positions, attention_mask=shard.attention_mask
-                    )
-                    targets = shard.targets
-                else:
-                    logits = model(
-                        batch.tokens,
-                        positions=document_positions(batch.document_ids),
-                        document_ids=batch.document_ids,
-                    )
-                    targets = batch.targets
-            summed = self._cross_entropy(logits, targets)
-            loss = summed / count
-            loss.backward()  # type: ignore[no-untyped-call]
-            loss = loss.detach()
+                assert loss is not None  # broadcast to every pipeline rank
+            else:
+                logits = self.parts[0](tokens, attention=attention)
+                loss = self._cross_entropy(logits, targets) / count
+                loss.backward()  # type: ignore[no-untyped-call]
+        loss = loss.detach().float()
         if self.dims.dp * self.dims.cp > 1:  # every rank's share of the global mean: sum them
             dist.all_reduce(loss, group=self.mesh["dp_cp"].get_group())
         return float(loss)
 
+    def _pipeline_for(self, shape: tuple[int, ...]) -> Pipeline:
+        """The pipeline schedule for batches of `shape`: rebuilt when a ramp stage changes the rows
+        or the length (PyTorch fixes a schedule's micro-batch shapes at its first step)."""
+        assert self.pipeline is not None
+        if self._pipeline_shape not in (None, shape):
+            self.pipeline = build_pipeline(
+                self.parts,
+                schedule=self.config.parallel.pp_schedule,
+                n_microbatches=self.config.parallel.pp_microbatches,
+                device=self.device,
+                group=self.mesh["pp"].get_group(),
+            )
+        self._pipeline_shape = shape
+        return self.pipeline
+
     def clip_gradients(self) -> float:
         """Clip all gradients by their global L2 norm (over every shard and stage); returns it."""
-        params = [q for part in self.parts for q in part.parameters() if q.grad is not None]
-        # Sum of squares of the local shards, then summed over every mesh dimension along which
-        # the gradient is sharded (not along replicated ones, which hold copies). Grouped by
-        # (mesh, placements) so each group costs one collective per sharded dimension.
-        groups: dict[Any, list[torch.Tensor]] = {}
-        for q in params:
-            assert q.grad is not None
-            key = (q.grad.device_mesh, q.grad.placements) if isinstance(q.grad, DTensor) else None
-            groups.setdefault(key, []).append(q)
-        squared = torch.zeros((), dtype=torch.float32, device=self.device)
-        for key, group in groups.items():
-            local = [_local_for_norm(q.grad) for q in group if q.grad is not None]
-            part = torch.stack(torch._foreach_norm(local)).float().pow(2).sum()  # one fused kernel
-            if key is not None:  # add the squares of the other shards (not of replicas)
-                grad_mesh, placements = key
-                for dim, placement in enumerate(placements):
-                    # Sharded (plain or strided) dims hold different pieces: add them up.
-                    # Replicated ones hold copies, and partial ones were reduced above.
-                    if not (placement.is_replicate() or placement.is_partial()):
-                        dist.all_reduce(part, group=grad_mesh.get_group(dim))
-            squared = squared + part
-        norm = squared.sqrt()
-        if self.dims.pp > 1:  # each stage holds different parameters: add their squares
-            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
-            norm = squared.sqrt()
-        for group in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(group, self.config.optimizer.max_grad_norm, norm)
-        return float(norm)
+        pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        return clip_grad_norm(self.parts, self.config.optimizer.max_grad_norm, pp_group=pp_group)
 
     # ------------------------------------------------------------------------------- the run
     def _batches(self) -> Iterator[Batch]:
@@ -400,9 +358,8 @@ class Trainer:
                 step = self.step
                 batch = next(batches)
                 lr = self.lr_at(step)
+                set_learning_rate(self.optimizers, lr)
                 for optimizer in self.optimizers:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
                     optimizer.zero_grad(set_to_none=True)
                 started = time.perf_counter()
                 loss = self.forward_backward(batch)
@@ -515,10 +472,18 @@ class Trainer:
         return path
 
     def _tokenizer(self) -> Tokenizer | None:
-        """The real Llama 3 tokenizer when the shards were written with it (checked by sha256)."""
-        info = TokenShards(self.config.data.sources[0].path).manifest.tokenizer
+        """The Llama 3 tokenizer, exported with the model, when the shards were written with it
+        (the manifests' sha256); otherwise the export holds no tokenizer, and says so."""
         llama3 = Tokenizer.llama3()
-        return llama3 if info.sha256 == llama3.sha256 else None
+        if self.tokenizer_info.sha256 == llama3.sha256:
+            return llama3
+        log.warning(
+            "exporting without tokenizer files: the shards were tokenized by %r (sha256 %s), not "
+            "the Llama 3 tokenizer; add that tokenizer's files to the export to use it",
+            self.tokenizer_info.name,
+            self.tokenizer_info.sha256,
+        )
+        return None
 
     def close(self) -> None:
         """Release the process group if this trainer created it."""
@@ -526,32 +491,26 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _local_for_norm(grad: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of `grad` for a sum of squares: partial sums (a norm gain's gradient
-    under tensor parallelism) are reduced first, shards and replicas are taken as they are."""
-    if not isinstance(grad, DTensor):
-        return grad
-    if any(p.is_partial() for p in grad.placements):
-        grad = grad.redistribute(
-            placements=[Replicate() if p.is_partial() else p for p in grad.placements]
-        )
-    return grad.to_local()
-
-
-def _init_distributed(device_choice: str) -> tuple[torch.device, bool]:
-    """Join torchrun's process group (or make a one-process group); pick this rank's device."""
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but CUDA is not available; use device = 'cpu'")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return device, False
-    backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        dist.init_process_group(backend)
-    else:  # one process: a private store, no ports
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
-    return device, True
+def _one_tokenizer(sources: list[DataSource]) -> TokenizerInfo:
+    """The tokenizer every source was written with (their manifests' identity); an error naming
+    both when two differ, or when a mix contains an old manifest that cannot tell."""
+    first = sources[0]
+    info = first.shards.tokenizer
+    for source in sources[1:]:
+        other = source.shards.tokenizer
+        if not (info.known and other.known):
+            unknown = source if info.known else first
+            raise ValueError(
+                f"data source {unknown.name!r} does not record its tokenizer (an old manifest), "
+                "so the run cannot check that its sources share one; rewrite it with "
+                "llama-data's write_token_shards, which records the tokenizer"
+            )
+        if (other.sha256, other.vocab_size) != (info.sha256, info.vocab_size):
+            raise ValueError(
+                f"data sources {first.name!r} and {source.name!r} were tokenized differently: "
+                f"{first.name!r} by {info.name!r} (sha256 {info.sha256[:16]}..., vocabulary "
+                f"{info.vocab_size}), {source.name!r} by {other.name!r} (sha256 "
+                f"{other.sha256[:16]}..., vocabulary {other.vocab_size}); token ids mean "
+                "different things in them: re-tokenize one with the other's tokenizer"
+            )
+    return info

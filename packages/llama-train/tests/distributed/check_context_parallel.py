@@ -17,17 +17,17 @@ from collections.abc import Callable
 import _common
 import torch
 import torch.distributed as dist
+from oracle import language_model_loss
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from llama_model import Llama, document_positions
-from llama_model.model import Attention
-from llama_train.loop import language_model_loss
+from llama_train.loss import summed_cross_entropy
 from llama_train.parallel import ParallelDims, build_mesh
 from llama_train.parallel.context_parallel import (
+    ContextParallelAttention,
     ContextParallelShard,
     context_parallel_loss,
-    disable_context_parallel,
-    enable_context_parallel,
     gather_sequence,
     shard_batch,
 )
@@ -60,12 +60,20 @@ shard = shard_batch(batch, world, cp_rank)
 
 
 def cp_step(
-    model: torch.nn.Module, shard: ContextParallelShard
+    model: torch.nn.Module,
+    shard: ContextParallelShard,
+    backend: type[ContextParallelAttention] = ContextParallelAttention,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients summed over the cp group (the convention of `context_parallel_loss`)."""
+    """Loss and gradients summed over the cp group (the convention of `context_parallel_loss`);
+    `backend` replaces the context-parallel attention (the negative controls)."""
     assert isinstance(model, Llama)
     model.zero_grad(set_to_none=True)
-    loss = context_parallel_loss(model, shard)
+    if backend is ContextParallelAttention:
+        loss = context_parallel_loss(model, shard, cp_mesh)
+    else:
+        attention = backend(cp_mesh, shard.positions, shard.attention_mask)
+        logits = model(shard.tokens, attention=attention)
+        loss = summed_cross_entropy(logits, shard.targets) / shard.num_targets
     loss.backward()  # type: ignore[no-untyped-call]
     total = loss.detach().clone()
     dist.all_reduce(total, group=cp_group)
@@ -93,69 +101,64 @@ def fails(check: Callable[[], None]) -> bool:
     return False
 
 
-def set_hooks(
-    model: torch.nn.Module, hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
-) -> None:
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.kv_hook = hook
-
-
 # 1. Context parallel = one process.
-enable_context_parallel(model, cp_mesh)
 loss, grads = cp_step(model, shard)
 check_loss(loss)
 _common.check_grads(grads, ref_grads)
 
 # 2. Negative controls (each must break the equality).
-disable_context_parallel(model)
 
 
-def rank_order_gather(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class RankOrderGather(ContextParallelAttention):
     """Gathered but not re-ordered: the ranks' shards one after the other."""
-    out = []
-    for x in (k, v):
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.detach().contiguous(), group=cp_group)
-        parts[cp_rank] = x
-        out.append(torch.cat(parts, dim=2))
-    return out[0], out[1]
+
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for x in (k, v):
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x.detach().contiguous(), group=cp_group)
+            parts[cp_rank] = x
+            out.append(torch.cat(parts, dim=2))
+        return out[0], out[1]
 
 
-def local_grad_gather(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class LocalGradGather(ContextParallelAttention):
     """Right forward, but the backward keeps only this rank's queries' gradient."""
-    out = []
-    for x in (k, v):
-        gathered = gather_sequence(x.detach(), cp_mesh)
-        out.append(gathered.index_copy(2, shard.index, x))
-    return out[0], out[1]
+
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for x in (k, v):
+            gathered = gather_sequence(x.detach(), cp_mesh)
+            out.append(gathered.index_copy(2, shard.index, x))
+        return out[0], out[1]
 
 
-no_gather = ContextParallelShard(
-    **{**shard.__dict__, "attention_mask": shard.attention_mask[..., shard.index]}
-)  # local queries × local keys only
-bad_loss, _ = cp_step(model, no_gather)
+class NoGather(ContextParallelAttention):
+    """Local queries × local keys only."""
+
+    def __init__(self, cp_mesh: DeviceMesh, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__(cp_mesh, positions, mask[..., shard.index])
+
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
+bad_loss, _ = cp_step(model, shard, NoGather)
 assert fails(lambda: check_loss(bad_loss)), "attending to local keys only gave the right loss"
 
-set_hooks(model, rank_order_gather)
-bad_loss, _ = cp_step(model, shard)
+bad_loss, _ = cp_step(model, shard, RankOrderGather)
 assert fails(lambda: check_loss(bad_loss)), "keys in rank order gave the right loss"
 
-set_hooks(model, local_grad_gather)
-loss, bad_grads = cp_step(model, shard)
+loss, bad_grads = cp_step(model, shard, LocalGradGather)
 check_loss(loss)  # the forward is right ...
 assert fails(lambda: _common.check_grads(bad_grads, ref_grads)), "... so must the backward be"
-set_hooks(model, None)
 
-enable_context_parallel(model, cp_mesh)
 local_positions = document_positions(batch.document_ids[:, shard.index])
 shard_local_pos = ContextParallelShard(**{**shard.__dict__, "positions": local_positions})
 bad_loss, _ = cp_step(model, shard_local_pos)
 assert fails(lambda: check_loss(bad_loss)), "positions per shard gave the right loss"
 
-# 3. Undone: the model attends locally again and reproduces the reference on the full batch.
-disable_context_parallel(model)
-assert all(m.kv_hook is None for m in model.modules() if isinstance(m, Attention))
+# 3. The model itself is unchanged: a plain forward reproduces the reference on the full batch.
 torch.testing.assert_close(
     language_model_loss(model, batch).detach(),
     torch.tensor(ref_loss),
@@ -168,11 +171,10 @@ torch.testing.assert_close(
 # lacks), while the context-parallel shares must be summed: scale the backward by the cp size.
 fsdp_model = copy.deepcopy(model)
 fsdp_mesh = mesh["dp_shard_cp"]
-for layer in fsdp_model.layers:
+for layer in fsdp_model.layers.values():
     fully_shard(layer, mesh=fsdp_mesh)
 fully_shard(fsdp_model, mesh=fsdp_mesh)
-enable_context_parallel(fsdp_model, cp_mesh)
-fsdp_loss = context_parallel_loss(fsdp_model, shard)
+fsdp_loss = context_parallel_loss(fsdp_model, shard, cp_mesh)
 (fsdp_loss * cp_mesh.size()).backward()  # type: ignore[no-untyped-call]
 total = fsdp_loss.detach().clone()
 dist.all_reduce(total, group=cp_group)

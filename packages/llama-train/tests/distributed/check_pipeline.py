@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+from llama_model import Documents
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.parallel import ParallelDims, ParallelMesh, build_mesh
-from llama_train.parallel.pipeline import LlamaStage, build_pipeline, split_llama
+from llama_train.parallel.pipeline import build_pipeline, split_llama
 
 BATCH = 8  # rows in the global batch; each dp rank runs BATCH / dp of them
 
@@ -78,7 +79,8 @@ def run_case(case: str, mesh: ParallelMesh) -> None:
     )
     if n_microbatches > 1:  # checked before any communication, so every rank raises
         try:
-            pipeline.step(_common.tiny_batch(config, batch=n_microbatches + 1))
+            odd = _common.tiny_batch(config, batch=n_microbatches + 1)
+            pipeline.step(odd.tokens, odd.targets, attention=Documents(odd.document_ids))
         except ValueError as error:
             assert "is not divisible by n_microbatches" in str(error), error
         else:
@@ -90,8 +92,13 @@ def run_case(case: str, mesh: ParallelMesh) -> None:
         num_targets = int((batch.targets != IGNORE_INDEX).sum()) / dp if dp > 1 else None
         for module in modules:
             module.zero_grad(set_to_none=True)
+        local = dp_slice(batch, dp_rank, dp)
         loss = pipeline.step(
-            dp_slice(batch, dp_rank, dp), num_targets=num_targets, broadcast_loss=True
+            local.tokens,
+            local.targets,
+            attention=Documents(local.document_ids),
+            num_targets=num_targets,
+            broadcast_loss=True,
         )
         assert loss is not None
         dist.all_reduce(loss, group=dp_mesh.get_group())
@@ -106,7 +113,7 @@ def run_case(case: str, mesh: ParallelMesh) -> None:
             try:
                 _common.check_grads(grads, own)
             except AssertionError as error:
-                stage = module.stage_index if isinstance(module, LlamaStage) else "?"
+                stage = "layers " + ",".join(module.layers.keys())  # type: ignore[operator]
                 raise AssertionError(f"{case}, stage {stage}, step seed {seed}: {error}") from error
     if dist.get_rank() == 0:
         print(f"ok {case}: loss {expected_loss:.6f}", flush=True)

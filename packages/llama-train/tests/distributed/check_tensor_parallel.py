@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import _common
 import torch
+from oracle import language_model_loss
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from llama_model import Llama, LlamaConfig
 from llama_train.data import Batch
-from llama_train.loop import language_model_loss
 from llama_train.parallel import ParallelDims, build_mesh
 from llama_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -26,7 +26,7 @@ PARAM_TOL = {"atol": 0.01 * LR, "rtol": 1e-5}
 
 
 def adamw(model: Llama) -> torch.optim.Optimizer:
-    """The training loop's AdamW settings (llama_train.loop.train), with a step large enough to see."""
+    """The recipe's AdamW settings (llama_train.optimizer), with a step large enough to see."""
     return torch.optim.AdamW(
         model.parameters(), lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=0.1
     )
@@ -46,7 +46,7 @@ def stepped_reference(
 
 def check_sharding(model: Llama, tp: int, sequence_parallel: bool) -> None:
     """Every projection holds 1/tp of its rows (colwise) or columns (rowwise) on this rank."""
-    block = model.layers[0]
+    block = model.layers["0"]
     for linear, dim in (
         (block.attention.wq, 0), (block.attention.wk, 0), (block.attention.wv, 0),
         (block.attention.wo, 1), (block.feed_forward.w1, 0), (block.feed_forward.w3, 0),
@@ -77,7 +77,7 @@ def check_mode(sequence_parallel: bool) -> Llama:
     check_sharding(model, world, sequence_parallel)
 
     residual_lengths: list[int] = []
-    model.layers[1].register_forward_pre_hook(
+    model.layers["1"].register_forward_pre_hook(
         lambda _module, args: residual_lengths.append(args[0].shape[1])
     )
     loss = language_model_loss(model, batch)

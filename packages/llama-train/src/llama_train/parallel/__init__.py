@@ -5,18 +5,17 @@ The building blocks live in their modules (`tensor_parallel`, `context_parallel`
 """
 
 from llama_train.parallel.context_parallel import (
-    disable_context_parallel,
-    enable_context_parallel,
+    ContextParallelAttention,
     load_balanced_index,
     shard_batch,
 )
 from llama_train.parallel.mesh import MESH_DIMS, ParallelDims, ParallelMesh, build_mesh
-from llama_train.parallel.pipeline import LlamaStage, Pipeline, build_pipeline, split_llama
+from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
 from llama_train.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel_config
 
 __all__ = [
     "MESH_DIMS",
-    "LlamaStage",
+    "ContextParallelAttention",
     "ParallelDims",
     "ParallelMesh",
     "Pipeline",
@@ -24,8 +23,6 @@ __all__ = [
     "build_mesh",
     "build_pipeline",
     "check_tensor_parallel_config",
-    "disable_context_parallel",
-    "enable_context_parallel",
     "load_balanced_index",
     "shard_batch",
     "split_llama",

@@ -1,6 +1,8 @@
 """Composing the parallelisms on one mesh, in torchtitan's order: pipeline split → tensor (+
-sequence) parallel → context parallel → activation checkpointing → `torch.compile` per block →
-FSDP2 over the ``dp_shard × cp`` ranks (HSDP when ``dp_replicate > 1``).
+sequence) parallel → activation checkpointing → `torch.compile` per block → FSDP2 over the
+``dp_shard × cp`` ranks (HSDP when ``dp_replicate > 1``). Context parallelism changes no module:
+it is the attention backend the trainer passes with each step's shard
+(`llama_train.parallel.context_parallel.ContextParallelAttention`).
 
 The trainer passes a `Llama` built on the meta device: splitting and sharding it costs no memory,
 and each rank then materialises only its own parts and shards (`materialise`), so a model far larger
@@ -19,7 +21,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from llama_model import Llama, LlamaConfig, init_parameters
 from llama_train.config import TrainConfig
-from llama_train.parallel.context_parallel import enable_context_parallel
 from llama_train.parallel.mesh import ParallelDims, ParallelMesh
 from llama_train.parallel.pipeline import Pipeline, build_pipeline, split_llama
 from llama_train.parallel.tensor_parallel import apply_tensor_parallel
@@ -54,8 +55,6 @@ def parallelize(
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)  # type: ignore[arg-type]
-        if dims.cp > 1:
-            enable_context_parallel(part, mesh["cp"])
         layers: nn.Module = part.layers  # type: ignore[assignment]
         for name, block in list(layers.named_children()):
             if config.activation_checkpointing:

@@ -13,13 +13,15 @@ runs on CPU (gloo) as well as on GPUs.
 
 Usage on every rank of a cp group (which all read the same batch)::
 
-    enable_context_parallel(model, mesh["cp"])
     shard = shard_batch(batch, cp_size=mesh["cp"].size(), cp_rank=mesh["cp"].get_local_rank())
-    loss = context_parallel_loss(model, shard)  # this rank's share; the shares sum to the batch loss
+    loss = context_parallel_loss(model, shard, mesh["cp"])  # this rank's share of the batch loss
     loss.backward()
 
-Gradients of parameters then hold this rank's share and must be summed over the cp group (FSDP2
-over the flattened ``dp_shard_cp`` mesh does that reduction; see `context_parallel_loss`).
+The model is not changed: the gather happens inside `ContextParallelAttention`, the attention
+backend this module supplies to `llama_model`'s seam (``model(shard.tokens, attention=...)``), so
+the same model object serves context-parallel and plain steps. Gradients of parameters then hold
+this rank's share and must be summed over the cp group (FSDP2 over the flattened ``dp_shard_cp``
+mesh does that reduction; see `context_parallel_loss`).
 
 The key/value gather goes through `torch.distributed._functional_collectives`: an all-gather
 whose autograd backward is a reduce-scatter (sum) over the same group, so every rank's keys and
@@ -27,33 +29,36 @@ values receive the gradient from all ranks' queries. gloo's reduce-scatter is ch
 (distributed tests); a backend without one fails in the backward with its own error.
 
 Composition: tensor parallelism leaves each rank with tp-local key/value heads, which the gather
-handles as they are (it gathers over the cp group only); the hook needs plain (local) tensors, as
-DTensor plans produce with ``use_local_output=True``. FSDP2 shards over ``dp_shard_cp`` unchanged.
+handles as they are (it gathers over the cp group only); the gather needs plain (local) tensors,
+as DTensor plans produce with ``use_local_output=True``. FSDP2 shards over ``dp_shard_cp``
+unchanged. Under pipeline parallelism the backend is cut into micro-batches with the tokens (it is
+a pytree of its per-row tensors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol  # private, but torch's own
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
 
 from llama_model import Llama, document_positions
-from llama_model.model import Attention
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.loss import summed_cross_entropy
 
 __all__ = [
+    "ContextParallelAttention",
     "ContextParallelShard",
     "load_balanced_index",
     "context_parallel_mask",
     "shard_batch",
     "context_parallel_loss",
-    "enable_context_parallel",
-    "disable_context_parallel",
     "gather_sequence",
 ]
 
@@ -146,19 +151,20 @@ def shard_batch(batch: Batch, cp_size: int, cp_rank: int) -> ContextParallelShar
     )
 
 
-def context_parallel_loss(model: Llama, shard: ContextParallelShard) -> torch.Tensor:
+def context_parallel_loss(
+    model: Llama, shard: ContextParallelShard, cp_mesh: DeviceMesh
+) -> torch.Tensor:
     """This rank's share of the batch's mean next-token cross-entropy (float32).
 
     sum(CE over the local non-ignored targets) / (non-ignored targets in the whole batch): the
-    shares of the cp ranks sum to `llama_train.loop.language_model_loss` of the full batch, and the
+    shares of the cp ranks sum to the mean loss of the full batch on one process, and the
     gradients of replicated parameters must be SUMMED over the cp group, not averaged. FSDP2 over
     ``dp_shard_cp`` averages over its dp_shard · cp ranks by default: back-propagate cp_size × this
     loss there (``set_gradient_divide_factor`` would need PREMUL_SUM, which gloo lacks). A batch
     without targets gives 0.
     """
-    logits = model(
-        shard.tokens, positions=shard.positions, attention_mask=shard.attention_mask
-    )  # [B, T_local, vocab]
+    attention = ContextParallelAttention(cp_mesh, shard.positions, shard.attention_mask)
+    logits = model(shard.tokens, attention=attention)  # [B, T_local, vocab]
     total = summed_cross_entropy(logits, shard.targets)
     return total / shard.num_targets.clamp(min=1)
 
@@ -207,47 +213,61 @@ def _global_order(seq_len: int, cp_size: int, device: torch.device) -> torch.Ten
     return _ORDERS[key]
 
 
-class _GatherKeysValues:
-    """The `Attention.kv_hook` that context parallelism installs: gather K and V over `cp_mesh`."""
+class ContextParallelAttention:
+    """The attention backend of context parallelism (`llama_model.AttentionBackend`): this rank's
+    queries attend to the keys and values of all cp ranks, gathered in global order, under the
+    mask of `context_parallel_mask`; RoPE positions are the shard's (computed on the full sequence).
 
-    def __init__(self, cp_mesh: DeviceMesh) -> None:
+    positions: [B, T_local]; mask: [B, 1, T_local, T] (both from `shard_batch`).
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh, positions: torch.Tensor, mask: torch.Tensor) -> None:
         if cp_mesh.ndim != 1:
             raise ValueError(
                 f"cp_mesh must be the 1-D context-parallel mesh (mesh['cp']), got {cp_mesh.ndim} "
                 f"dimensions named {cp_mesh.mesh_dim_names}"
             )
-        self.cp_mesh = cp_mesh
+        if mask.dim() != 4 or mask.shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"mask must be [B, 1, T_local, T] for positions [B, T_local], got "
+                f"{tuple(mask.shape)} and {tuple(positions.shape)}"
+            )
+        self.cp_mesh, self.positions_, self.mask = cp_mesh, positions, mask
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        if tuple(self.positions_.shape) != (batch, seq_len):
+            raise ValueError(
+                f"the shard's positions {tuple(self.positions_.shape)} do not match this rank's "
+                f"[{batch}, {seq_len}] tokens"
+            )
+        return self.positions_
+
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' keys and values [B, kv_heads, T, head_dim] in global order."""
         return gather_sequence(k, self.cp_mesh), gather_sequence(v, self.cp_mesh)
 
-
-def _attentions(model: nn.Module) -> list[Attention]:
-    found = [m for m in model.modules() if isinstance(m, Attention)]
-    if not found:
-        raise ValueError(f"no llama_model Attention layers in {type(model).__name__}")
-    return found
-
-
-def enable_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> None:
-    """Make every attention layer of `model` gather keys and values over `cp_mesh` (1-D).
-
-    Works on a whole `Llama`, a pipeline stage or an FSDP-/TP-wrapped model (every `Attention`
-    submodule is hooked). Feed the model `shard_batch` outputs afterwards. Refuses to replace a
-    `kv_hook` it did not install; `disable_context_parallel` undoes this.
-    """
-    hook = _GatherKeysValues(cp_mesh)
-    for attention in _attentions(model):
-        if attention.kv_hook is not None and not isinstance(attention.kv_hook, _GatherKeysValues):
-            raise ValueError(
-                f"layer {attention.layer_id} already has a kv_hook ({attention.kv_hook!r}); "
-                "remove it before enabling context parallelism"
-            )
-        attention.kv_hook = hook
+    def __call__(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        k, v = self.gather(k, v)  # [B, kv_heads, T, head_dim]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
-def disable_context_parallel(model: nn.Module) -> None:
-    """Remove the hooks `enable_context_parallel` installed; the model attends locally again."""
-    for attention in _attentions(model):
-        if isinstance(attention.kv_hook, _GatherKeysValues):
-            attention.kv_hook = None
+def _flatten(backend: ContextParallelAttention) -> tuple[list[torch.Tensor], Any]:
+    return [backend.positions_, backend.mask], (type(backend), backend.cp_mesh)
+
+
+def _unflatten(children: Iterable[Any], context: Any) -> ContextParallelAttention:
+    # Not through __init__: pytree maps also rebuild the backend around non-tensor leaves (the
+    # micro-batch chunk specs of torch.distributed.pipelining).
+    kind: type[ContextParallelAttention] = context[0]
+    backend = kind.__new__(kind)
+    backend.cp_mesh = context[1]
+    backend.positions_, backend.mask = children
+    return backend
+
+
+# Pipeline parallelism cuts the backend's per-row tensors into micro-batches with the tokens.
+pytree.register_pytree_node(ContextParallelAttention, _flatten, _unflatten)

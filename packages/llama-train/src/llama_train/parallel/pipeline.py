@@ -9,14 +9,17 @@ fewer on the first and last stage to balance the embedding and the output projec
 (`torch.distributed.pipelining`: ``1F1B``, ``Interleaved1F1B``, ``GPipe``); this module builds the
 stages they run and the loss they backpropagate.
 
-Stage modules are plain `nn.Module`s whose parameter names are those of the full `Llama`
-(``tok_embeddings.weight`` on the first stage, ``layers.5.attention.wq.weight`` on the stage that
-holds layer 5, ``norm.weight`` and ``output.weight`` on the last), so distributed checkpoints move
-between pipeline layouts unchanged, and FSDP2 (`fully_shard`) or tensor parallelism can wrap them.
+A stage is the `Llama` itself with the parts it does not hold removed (torchtitan's way): its
+`layers` keep only the stage's blocks, keyed by their index in the full model, and the first stage
+alone keeps `tok_embeddings`, the last alone `norm` and `output`. Parameter names are therefore
+those of the full model (``layers.5.attention.wq.weight`` on the stage that holds layer 5), so
+distributed checkpoints move between pipeline layouts unchanged, FSDP2 (`fully_shard`) and tensor
+parallelism wrap stages like models, and a stage runs the model's one forward.
 
-Every stage rebuilds the RoPE positions and the document mask from the micro-batch's
-``document_ids`` (passed to all stages as a keyword argument), so packed documents stay invisible
-to each other in every stage (§3.2), exactly as in `llama_train.loop.language_model_loss`.
+The attention backend (`llama_model.Documents` for packed documents, or context parallelism's) is
+passed to every stage as a keyword argument; PyTorch cuts it into micro-batches with the tokens
+(the backends are pytrees of per-row tensors), so packed documents stay invisible to each other in
+every stage (§3.2) exactly as in one process.
 
 Loss: micro-batch ``m`` contributes ``sum(cross-entropy over its non-ignored targets) / N`` with
 ``N`` the non-ignored targets of the *whole* batch, and the schedule does not rescale gradients, so
@@ -26,25 +29,16 @@ micro-batch losses are that mean loss.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 
-from llama_model import Llama
-from llama_model.model import (
-    RMSNorm,
-    TransformerBlock,
-    document_positions,
-    packed_document_mask,
-)
-from llama_train.data import IGNORE_INDEX, Batch
+from llama_model import AttentionBackend, Llama
+from llama_train.data import IGNORE_INDEX
 from llama_train.loss import summed_cross_entropy
 
 if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes 1-2 s to import
@@ -56,7 +50,6 @@ if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes 1-2
 
 __all__ = [
     "SCHEDULES",
-    "LlamaStage",
     "Pipeline",
     "ScheduleName",
     "build_pipeline",
@@ -171,90 +164,25 @@ def check_schedule(
 # ---------------------------------------------------------------------------- stage modules
 
 
-class LlamaStage(nn.Module):
-    """Consecutive layers of a `Llama`, with the embedding on the first stage and the final norm
-    and output projection on the last, under the full model's parameter names.
-
-    ``forward(x, document_ids=None)``: `x` is token ids [B, T] on the first stage, else the hidden
-    states [B, T, dim] of the previous stage; returns hidden states [B, T, dim], or logits
-    [B, T, vocab_size] on the last stage. With `document_ids` [B, T], positions restart at each
-    packed document and attention stays inside it (§3.2); without, plain causal attention.
-    """
-
-    def __init__(
-        self,
-        model: Llama,
-        layer_ids: Sequence[int],
-        *,
-        stage_index: int,
-        num_stages: int,
-    ) -> None:
-        super().__init__()
-        config = model.config
-        if config.tie_word_embeddings and num_stages > 1:
-            raise ValueError(
-                "tie_word_embeddings=True cannot be pipelined: the tied table would sit on both the "
-                "first stage (embedding) and the last (output projection), and its two gradients "
-                "would have to be summed across ranks, which is not implemented. Use pp=1 "
-                "(one stage) or a model with untied embeddings (all Llama 3 models above 3B)"
-            )
-        if not 0 <= stage_index < num_stages:
-            raise ValueError(f"stage_index {stage_index} is outside [0, {num_stages})")
-        self.config = config
-        self.stage_index, self.num_stages = stage_index, num_stages
-        self.layer_ids = tuple(layer_ids)
-        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        # Deep copies of the kept parts only: a model built on the meta device splits for free.
-        self.tok_embeddings: nn.Embedding | None = (
-            copy.deepcopy(model.tok_embeddings) if self.is_first else None
+def pipeline_stage(model: Llama, layer_ids: Sequence[int], *, first: bool, last: bool) -> Llama:
+    """`model` with only layers `layer_ids`, plus the embedding if `first` and the final norm and
+    output projection if `last`. Built on the meta device and, when `model` has real weights,
+    filled with copies of them: a meta-device model splits without memory."""
+    with torch.device("meta"):
+        stage = Llama(model.config)
+    keep = {str(i) for i in layer_ids}
+    for key in [k for k in stage.layers if k not in keep]:
+        del stage.layers[key]
+    if not first:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm, stage.output = None, None
+    if not any(p.is_meta for p in model.parameters()):
+        weights = model.state_dict()
+        stage.load_state_dict(
+            {name: weights[name].detach().clone() for name in stage.state_dict()}, assign=True
         )
-        # Keyed by the layer's index in the full model, so names read `layers.5.attention...`.
-        self.layers = nn.ModuleDict({str(i): copy.deepcopy(model.layers[i]) for i in layer_ids})
-        self.norm: RMSNorm | None = copy.deepcopy(model.norm) if self.is_last else None
-        self.output: nn.Linear | None = (
-            copy.deepcopy(model.output) if self.is_last and model.output is not None else None
-        )
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # the cache Llama.inv_freq fills
-
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        """The float32 RoPE inverse frequencies [head_dim / 2] on `device` (computed once)."""
-        # `Llama.inv_freq` reads only `config` and the `_inv_freq` cache, which this module has
-        # too: reuse it so that the frequencies (and their Llama 3.1 scaling) have one definition.
-        return Llama.inv_freq(cast(Llama, self), device)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        document_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # The full sequence length: under sequence parallelism x holds only T / tp positions.
-        batch, seq_len = document_ids.shape if document_ids is not None else x.shape[:2]
-        mask: torch.Tensor | BlockMask | None
-        if attention_mask is not None:  # context parallel: local queries × all keys, given
-            if positions is None:
-                raise ValueError("attention_mask needs the matching positions")
-            mask, is_causal = attention_mask, False
-        elif document_ids is not None:
-            positions = document_positions(document_ids)  # [B, T]
-            # The model's own choice: a FlexAttention block mask on CUDA, dense [B, 1, T, T] else.
-            mask, is_causal = packed_document_mask(document_ids, batch, seq_len), False
-        else:
-            positions = torch.arange(seq_len, device=x.device)[None, :]  # [1, T]
-            mask, is_causal = None, seq_len > 1
-        inv_freq = self.inv_freq(x.device)
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T, dim]
-        for layer in self.layers.values():
-            h = cast(TransformerBlock, layer)(h, positions, inv_freq, mask, is_causal, None)
-        if not self.is_last:
-            return h
-        assert self.norm is not None  # the last stage always holds the final norm
-        h = self.norm(h)
-        if self.output is not None:
-            return self.output(h)  # [B, T, vocab_size]
-        assert self.tok_embeddings is not None  # tied embeddings: one stage holds both ends
-        return F.linear(h, self.tok_embeddings.weight)
+    return stage
 
 
 def split_llama(
@@ -264,8 +192,8 @@ def split_llama(
     pp_size: int,
     stages_per_rank: int = 1,
     layers_per_stage: Sequence[int] | None = None,
-) -> list[LlamaStage]:
-    """This rank's stage modules, in stage order (see `stage_indices`).
+) -> list[Llama]:
+    """This rank's stages (`pipeline_stage`), in stage order (see `stage_indices`).
 
     There are ``pp_size · stages_per_rank`` stages; `layers_per_stage` (default
     `default_layers_per_stage`) gives each stage's number of consecutive layers. `model` is left
@@ -273,14 +201,21 @@ def split_llama(
     ``to_empty(device=...)`` the stages and load a checkpoint (the names match the full model's).
     """
     num_stages = pp_size * stages_per_rank
+    if model.config.tie_word_embeddings and num_stages > 1:
+        raise ValueError(
+            "tie_word_embeddings=True cannot be pipelined: the tied table would sit on both the "
+            "first stage (embedding) and the last (output projection), and its two gradients "
+            "would have to be summed across ranks, which is not implemented. Use pp=1 "
+            "(one stage) or a model with untied embeddings (all Llama 3 models above 3B)"
+        )
     counts = check_layers_per_stage(layers_per_stage, model.config.n_layers, num_stages)
     starts = [sum(counts[:s]) for s in range(num_stages)]
     return [
-        LlamaStage(
+        pipeline_stage(
             model,
             range(starts[s], starts[s] + counts[s]),
-            stage_index=s,
-            num_stages=num_stages,
+            first=s == 0,
+            last=s == num_stages - 1,
         )
         for s in stage_indices(pp_rank, pp_size, stages_per_rank)
     ]
@@ -316,48 +251,37 @@ class Pipeline:
 
     def step(
         self,
-        batch: Batch,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
         *,
+        attention: AttentionBackend,
         num_targets: torch.Tensor | float | None = None,
         broadcast_loss: bool = False,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Run one pipelined forward and backward on `batch` (the same batch on every pipeline rank).
+        """Run one pipelined forward and backward on tokens and targets [B, T] (the same on every
+        pipeline rank) with the `attention` backend (`llama_model.Documents` for packed documents,
+        `ContextParallelAttention` under context parallelism, where the tokens and targets are this
+        rank's [B, T_local] shard), cut into micro-batches along the rows.
 
         Returns the batch's mean loss (detached, float32 scalar) on the rank running the last
         stage and None elsewhere, or on every pipeline rank with ``broadcast_loss=True`` (one
         extra broadcast). `num_targets` divides the summed cross-entropy; default: this batch's
         non-ignored targets. Under data parallelism pass the global batch's count and have FSDP
-        sum gradients (divide factor 1, as `llama_train.parallel.compose.parallelize` sets); with FSDP's
-        default averaging pass ``global count / dp`` instead.
-
-        Under context parallelism `batch` holds this rank's tokens and targets and `positions`
-        [B, T_local] and `attention_mask` [B, 1, T_local, T] (`context_parallel.shard_batch`) take
-        the place of `batch.document_ids`; the stages' attention gathers the other keys.
+        sum gradients (divide factor 1, as `llama_train.parallel.compose.parallelize` sets); with
+        FSDP's default averaging pass ``global count / dp`` instead.
 
         The micro-batch shapes are fixed by the first step (PyTorch infers the activations'
         shapes once); later batches must have the same size and sequence length.
         """
-        batch_size = batch.tokens.shape[0]
+        batch_size = tokens.shape[0]
         if batch_size % self.n_microbatches:
             raise ValueError(
                 f"batch size {batch_size} is not divisible by n_microbatches="
                 f"{self.n_microbatches}; change the batch size or the number of micro-batches"
             )
-        tokens, targets, document_ids = (
-            t.to(self.device, non_blocking=True)
-            for t in (batch.tokens, batch.targets, batch.document_ids)
-        )
+        tokens = tokens.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
         args = (tokens,) if self.has_first_stage else ()
-        extra: dict[str, Any] = {"document_ids": document_ids}
-        if attention_mask is not None:
-            if positions is None:
-                raise ValueError("attention_mask needs the matching positions")
-            extra = {
-                "positions": positions.to(self.device),
-                "attention_mask": attention_mask.to(self.device),
-            }
         loss: torch.Tensor | None = None
         if self.has_last_stage:
             if num_targets is None:
@@ -369,11 +293,11 @@ class Pipeline:
                 losses=losses,
                 return_outputs=False,
                 loss_kwargs={"num_targets": num_targets},
-                **extra,
+                attention=attention,
             )
             loss = torch.stack(losses).sum().detach()
         else:
-            self.schedule.step(*args, return_outputs=False, **extra)
+            self.schedule.step(*args, return_outputs=False, attention=attention)
         if broadcast_loss:
             if loss is None:
                 loss = torch.empty((), dtype=torch.float32, device=self.device)
@@ -391,7 +315,7 @@ def build_pipeline(
 ) -> Pipeline:
     """The `schedule` ("1F1B", "Interleaved1F1B" or "GPipe") over this rank's stage modules.
 
-    `stages` are this rank's `LlamaStage`s from `split_llama`, possibly already wrapped by
+    `stages` are this rank's stages from `split_llama`, in stage order, possibly already wrapped by
     `fully_shard` or tensor parallelism (wrap before building: the schedule checks for FSDP
     modules to defer the gradient reduce-scatter to the last micro-batch). `group` is the
     pipeline process group (``mesh["pp"].get_group()``); default: the whole world.
@@ -408,24 +332,25 @@ def build_pipeline(
     pp_size, pp_rank = dist.get_world_size(group), dist.get_rank(group)
     if not stages:
         raise ValueError("build_pipeline needs this rank's stage modules; got none")
-    modules = [cast(LlamaStage, m) for m in stages]  # `fully_shard` keeps the LlamaStage attributes
-    num_stages = modules[0].num_stages
+    modules = [cast(Llama, m) for m in stages]  # `fully_shard` keeps the Llama attributes
     stages_per_rank = len(modules)
-    if num_stages != pp_size * stages_per_rank:
-        raise ValueError(
-            f"{stages_per_rank} stage(s) per rank on a pipeline group of {pp_size} ranks give "
-            f"{pp_size * stages_per_rank} stages, but the stages were split for {num_stages}; "
-            "split with split_llama(pp_size=<the group's size>, stages_per_rank=...)"
-        )
-    expected = stage_indices(pp_rank, pp_size, stages_per_rank)
-    got = [m.stage_index for m in modules]
-    if got != expected:
-        raise ValueError(f"pipeline rank {pp_rank} must run stages {expected}, got {got}")
+    num_stages = pp_size * stages_per_rank
+    indices = stage_indices(pp_rank, pp_size, stages_per_rank)
+    for index, module in zip(indices, modules, strict=True):
+        first, last = module.tok_embeddings is not None, module.norm is not None
+        if (first, last) != (index == 0, index == num_stages - 1):
+            raise ValueError(
+                f"pipeline rank {pp_rank} must run stages {indices} of {num_stages} in order, but "
+                f"its stage {index} {'has' if first else 'lacks'} the embedding and "
+                f"{'has' if last else 'lacks'} the output; split with split_llama(pp_size=<the "
+                "group's size>, stages_per_rank=...) and pass this rank's stages in order"
+            )
     name = check_schedule(
         schedule, n_microbatches=n_microbatches, pp_size=pp_size, stages_per_rank=stages_per_rank
     )
     pipeline_stages = tuple(
-        PipelineStage(m, m.stage_index, num_stages, device, group=group) for m in modules
+        PipelineStage(m, index, num_stages, device, group=group)
+        for index, m in zip(indices, modules, strict=True)
     )
     # scale_grads=False: `pipeline_loss` already divides by the whole batch's target count.
     built: PipelineScheduleSingle | PipelineScheduleMulti
@@ -442,7 +367,7 @@ def build_pipeline(
         n_microbatches=n_microbatches,
         device=device,
         group=group,
-        has_first_stage=modules[0].is_first,
-        has_last_stage=modules[-1].is_last,
+        has_first_stage=indices[0] == 0,
+        has_last_stage=indices[-1] == num_stages - 1,
         last_stage_rank=dist.get_global_rank(group, (num_stages - 1) % pp_size),
     )

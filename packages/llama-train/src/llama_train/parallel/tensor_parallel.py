@@ -17,8 +17,8 @@ the sequence instead of replicated: the embedding and each row-wise projection r
 run on the local [B, T / tp, dim] slice with replicated weights whose gradients DTensor all-reduces,
 and attention / feed-forward inputs are all-gathered back to the full sequence. Same traffic as
 plain TP (an all-reduce is a reduce-scatter plus an all-gather), tp times less activation memory
-outside the matmuls. Attention itself always sees the whole sequence, so `document_ids` masks and
-positions stay as the single-process model builds them.
+outside the matmuls. Attention itself always sees the whole sequence, so the attention backend
+(document masks and positions) stays as in a single process.
 
 The parallelised model takes the same full (replicated) `tokens` on every tensor-parallel rank and
 returns the same full logits [B, T, vocab_size] on each, as plain tensors.
@@ -48,8 +48,8 @@ from llama_model import Llama, LlamaConfig
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel_config"]
 
-# Attention.forward(x, positions, inv_freq, mask, is_causal, cache): only x is sharded.
-_ATTENTION_EXTRA_ARGS = 5
+# Attention.forward(x, inv_freq, attention): only x is sharded.
+_ATTENTION_EXTRA_ARGS = 2
 
 
 def check_tensor_parallel_config(config: LlamaConfig, tp: int) -> None:
@@ -145,7 +145,7 @@ def apply_tensor_parallel(
         )
     parallelize_module(model, tp_mesh, top)
 
-    for block in model.layers.children():  # a ModuleList, or a pipeline stage's ModuleDict
+    for block in model.layers.children():  # keyed by layer index (a stage holds some)
         parallelize_module(block, tp_mesh, _block_plan(sequence_parallel))
 
 
