@@ -126,6 +126,23 @@ def test_nothing_close_means_no_suggestion(format_validation_error: Formatter) -
     ]
 
 
+class Empty(_Strict):
+    pass
+
+
+class WithEmpty(_Strict):
+    dedup: Empty = Empty()
+
+
+def test_a_section_without_keys_says_so(format_validation_error: Formatter) -> None:
+    """An unknown key in a section that takes none says that, not an empty list of keys."""
+    with pytest.raises(pydantic.ValidationError) as info:
+        WithEmpty.model_validate({"dedup": {"x": 1}})
+    assert format_validation_error(info.value, WithEmpty).splitlines() == [
+        "  dedup.x: unknown key; this section takes no keys"
+    ]
+
+
 def test_bad_value_names_the_key_and_the_value(format_validation_error: Formatter) -> None:
     """A rejected value is shown with its key and its repr, pydantic's "Input should be" as
     "must be"."""

@@ -69,6 +69,8 @@ def unknown_name(name: str, valid: Iterable[str], kind: str = "key") -> str:
     """What to say about an unknown `name`: "unknown <kind>; did you mean '<closest>'? valid
     <kind>s: a, b, c", `valid` in the order given (the suggestion only when one is close)."""
     choices = list(valid)
+    if not choices:
+        return f"unknown {kind}; this section takes no {kind}s"
     closest = _closest(name, choices)
     hint = f" did you mean {closest!r}?" if closest else ""
     return f"unknown {kind};{hint} valid {kind}s: {', '.join(choices)}"

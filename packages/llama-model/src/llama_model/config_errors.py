@@ -2,7 +2,8 @@
 
 Every command line of the project (`llama-train`, and `llama-serve` and `llama-align` after it)
 prints a rejected config through `format_validation_error`; `llama-data`, which has no torch and so
-no `llama_model`, keeps its own copy with the same output. The format, one line per problem:
+no `llama_model`, keeps its twin (`llama_data._config_errors`), and the root test
+`tests/test_config_errors.py` holds both to one contract. The format, one line per problem:
 
     <dotted.key> = <value repr>: <what is wrong>
     <dotted.key>: unknown key; did you mean '<closest>'? valid keys: a, b, c
@@ -94,6 +95,8 @@ def _unknown_key(name: str, container: Any) -> str:
     if section is None:
         return "unknown key"
     valid = list(section.model_fields)
+    if not valid:
+        return "unknown key; this section takes no keys"
     closest = _closest(name, valid)
     hint = f" did you mean {closest!r}?" if closest else ""
     return f"unknown key;{hint} valid keys: {', '.join(valid)}"
