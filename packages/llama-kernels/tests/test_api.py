@@ -12,7 +12,6 @@ EXPECTED = [
     "apply_rope",
     "fp8_rowwise_matmul",
     "quantize_fp8_rowwise",
-    "quantize_model_fp8",
     "rms_norm",
     "rope_frequencies",
 ]

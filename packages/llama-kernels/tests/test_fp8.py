@@ -1,5 +1,6 @@
 """FP8 row-wise quantization and matmul (§6.2): the Triton kernels against the PyTorch references,
-both against independent oracles (hand-computed e4m3 values, float64 matmuls), and the model recipe.
+both against independent oracles (hand-computed e4m3 values, float64 matmuls). The model recipe
+(§6.2: which of a Llama's matmuls use FP8) is tested in llama-serve, where it lives.
 
 Without a GPU the Triton kernels run under Triton's CPU interpreter (conftest.py), so the GEMM shapes
 are small. Oracles: e4m3's value set is enumerated from torch's own float8 dtype (all 256 codes);
@@ -13,7 +14,6 @@ from typing import Literal
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama_kernels.fp8 import (
@@ -24,7 +24,6 @@ from llama_kernels.fp8 import (
     fp8_rowwise_matmul_reference,
     quantize_fp8_rowwise,
     quantize_fp8_rowwise_reference,
-    quantize_model_fp8,
 )
 
 BACKENDS = ["torch_backend", "triton_backend"]
@@ -502,120 +501,6 @@ def test_fp8_linear_compiles_fullgraph(torch_backend: None) -> None:
     x = torch.randn(4, 48)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# quantize_model_fp8 on a stand-in with llama_model's structure (llama_model is not a dependency)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, dim = x.shape
-        q, k, v = (
-            w(x).view(batch, seq_len, self.n_heads, -1).transpose(1, 2)  # [B, H, T, head_dim]
-            for w in (self.wq, self.wk, self.wv)
-        )
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, head_dim]
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, dim))
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.attention = _Attention(dim, n_heads=4)
-        self.feed_forward = _FeedForward(dim, hidden_dim)
-        self.attention_norm = nn.RMSNorm(dim)
-        self.ffn_norm = nn.RMSNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class _TinyLlama(nn.Module):
-    """llama_model.Llama's module structure, in miniature."""
-
-    def __init__(self, n_layers: int, dim: int = 64, hidden_dim: int = 160, vocab: int = 97):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(_Block(dim, hidden_dim) for _ in range(n_layers))
-        self.norm = nn.RMSNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # [B, T, dim]
-        for layer in self.layers:
-            h = layer(h)
-        return self.output(self.norm(h))  # [B, T, vocab]
-
-
-def test_quantize_model_fp8_follows_the_recipe(device: str) -> None:
-    """Middle layers' w1/w2/w3 become Fp8RowwiseLinear; the first and last layers, all attention
-    projections, norms, embeddings and output are the same objects with the same weights; the
-    logits stay within 5% relative L2 error of the bf16 model's (measured ≈ 1%)."""
-    torch.manual_seed(6)
-    model = _TinyLlama(n_layers=4).to(device=device, dtype=torch.bfloat16).eval()
-    tokens = torch.randint(0, 97, (2, 16), device=device)
-    with torch.no_grad():
-        logits_bf16 = model(tokens)
-    modules_before = dict(model.named_modules())
-    params_before = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    assert quantize_model_fp8(model) is model
-
-    quantized = {name for name, mod in model.named_modules() if isinstance(mod, Fp8RowwiseLinear)}
-    assert quantized == {f"layers.{i}.feed_forward.{w}" for i in (1, 2) for w in ("w1", "w2", "w3")}
-    for name, module in model.named_modules():
-        if name not in quantized:
-            assert module is modules_before[name], f"{name} was replaced"
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param, params_before[name], rtol=0, atol=0)
-
-    with torch.no_grad():
-        logits_fp8 = model(tokens)
-    assert logits_fp8.dtype == torch.bfloat16
-    relative_error = float(
-        (logits_fp8.double() - logits_bf16.double()).norm() / logits_bf16.double().norm()
-    )
-    assert 0 < relative_error < 0.05, f"relative L2 error of logits {relative_error:.4f}"
-
-
-def test_quantize_model_fp8_rejects_models_it_cannot_quantize() -> None:
-    """Too few layers for skip_first_last, no `layers`, or a missing feed-forward Linear: each a
-    clear error naming what is missing, with the model left unchanged."""
-    with pytest.raises(ValueError, match=r"2 layer\(s\): nothing would be quantized"):
-        quantize_model_fp8(_TinyLlama(n_layers=2))
-    both = quantize_model_fp8(_TinyLlama(n_layers=2), skip_first_last=False)
-    assert all(isinstance(block.feed_forward.w1, Fp8RowwiseLinear) for block in both.layers)
-    with pytest.raises(TypeError, match="Linear has no attribute `layers`"):
-        quantize_model_fp8(nn.Linear(4, 4))
-    model = _TinyLlama(n_layers=4)
-    blocks = [block for block in model.layers if isinstance(block, _Block)]
-    del blocks[2].feed_forward.w2
-    with pytest.raises(TypeError, match=r"layers\[2\]\.feed_forward\.w2 must be an nn\.Linear"):
-        quantize_model_fp8(model)
-    assert isinstance(blocks[1].feed_forward.w1, nn.Linear)  # checked before changing
-    quantize_model_fp8(_TinyLlama(n_layers=3))  # three layers: the middle one is quantized
-    twice = quantize_model_fp8(_TinyLlama(n_layers=3))
-    with pytest.raises(TypeError, match="already quantized"):
-        quantize_model_fp8(twice)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from llama_kernels.fp8 import (
     Fp8RowwiseLinear,
     fp8_rowwise_matmul,
     quantize_fp8_rowwise,
-    quantize_model_fp8,
 )
 from llama_kernels.rms_norm import rms_norm
 from llama_kernels.rope import RopeLayout, apply_rope, rope_frequencies
@@ -28,5 +27,4 @@ __all__ = [
     "Fp8RowwiseLinear",
     "fp8_rowwise_matmul",
     "quantize_fp8_rowwise",
-    "quantize_model_fp8",
 ]

@@ -12,7 +12,9 @@ to zero. The production implementation is FBGEMM's row-wise FP8 (`quantize_fp8_r
 - `fp8_rowwise_matmul(x_fp8, x_scale, w_fp8, w_scale, *, bias, out_dtype)`: (x_fp8 @ w_fp8ᵀ) in fp32,
   times x_scale[:, None] · w_scale[None, :], plus bias, cast to out_dtype.
 - `Fp8RowwiseLinear`: an nn.Linear replacement holding its weight in e4m3 with per-output-row scales.
-- `quantize_model_fp8(model)`: the paper's recipe applied to a `llama_model.Llama` in place.
+
+Which of a model's matmuls use them (the paper's recipe: feed-forward only, first and last layers
+in BF16) is model knowledge: `llama_serve.quantize_fp8` applies it to a `llama_model.Llama`.
 
 Both ops are `torch.library` custom ops (`llama_kernels::quantize_fp8_rowwise`,
 `llama_kernels::fp8_rowwise_matmul`) with fake implementations, so `torch.compile(fullgraph=True)`
@@ -40,7 +42,6 @@ __all__ = [
     "fp8_rowwise_matmul_reference",
     # modules
     "Fp8RowwiseLinear",
-    "quantize_model_fp8",
     # constants
     "FP8_E4M3_MAX",
     "SCALE_UB",
@@ -400,57 +401,3 @@ class Fp8RowwiseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, scale_ub={self.scale_ub}"
         )
-
-
-_FFN_LINEARS = ("w1", "w2", "w3")  # SwiGLU gate, down, up (Meta's names, as in llama_model)
-
-
-def quantize_model_fp8(
-    model: nn.Module, *, scale_ub: float = SCALE_UB, skip_first_last: bool = True
-) -> nn.Module:
-    """Apply §6.2's FP8 recipe to a Llama in place and return it.
-
-    Replaces `layers[i].feed_forward.{w1,w2,w3}` (nn.Linear) with `Fp8RowwiseLinear` in every
-    layer except, with `skip_first_last` (the paper's choice), the first and the last; attention,
-    norms, embeddings and the output projection stay as they are (bf16). Duck-typed on that
-    structure (llama_model's `Llama`); the whole structure is checked before anything changes.
-    """
-    scale_ub = _check_scale_ub(scale_ub)
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        found = (
-            "no attribute `layers`" if layers is None else f"layers of type {type(layers).__name__}"
-        )
-        raise TypeError(
-            f"quantize_model_fp8 expects a Llama-like model whose `layers` is an nn.ModuleList of "
-            f"blocks with feed_forward.w1/w2/w3; {type(model).__name__} has {found}"
-        )
-    n_layers = len(layers)
-    chosen = range(1, n_layers - 1) if skip_first_last else range(n_layers)
-    if len(chosen) == 0:
-        hint = (
-            " (§6.2 keeps the first and last layers in bf16; pass skip_first_last=False to "
-            "quantize them too)"
-            if skip_first_last
-            else ""
-        )
-        raise ValueError(
-            f"{type(model).__name__} has {n_layers} layer(s): nothing would be quantized{hint}"
-        )
-    targets: list[tuple[nn.Module, str, nn.Linear]] = []
-    for i in chosen:
-        feed_forward = getattr(layers[i], "feed_forward", None)
-        if feed_forward is None:
-            raise TypeError(f"layers[{i}] ({type(layers[i]).__name__}) has no `feed_forward`")
-        for name in _FFN_LINEARS:
-            linear = getattr(feed_forward, name, None)
-            if not isinstance(linear, nn.Linear):
-                got = "missing" if linear is None else type(linear).__name__
-                hint = " (already quantized?)" if isinstance(linear, Fp8RowwiseLinear) else ""
-                raise TypeError(
-                    f"layers[{i}].feed_forward.{name} must be an nn.Linear, got {got}{hint}"
-                )
-            targets.append((feed_forward, name, linear))
-    for feed_forward, name, linear in targets:
-        setattr(feed_forward, name, Fp8RowwiseLinear.from_linear(linear, scale_ub=scale_ub))
-    return model

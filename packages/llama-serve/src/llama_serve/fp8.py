@@ -1,0 +1,87 @@
+"""The FP8 inference recipe of §6.2 of "The Llama 3 Herd of Models" (arXiv 2407.21783).
+
+The paper serves Llama 3 405B with FP8 matrix multiplications in the feed-forward networks, keeps
+self-attention and the first and the last Transformer layers in BF16, quantizes row-wise (FBGEMM's
+`quantize_fp8_row` / `f8f8bf16_rowwise`) and caps the dynamic activation scales at 1200 so that an
+outlier cannot flush the rest of its row to zero. Here that is the three SwiGLU projections `w1`, `w2`,
+`w3` of every Transformer block but the first and the last, each replaced by
+`llama_kernels.Fp8RowwiseLinear` (e4m3 weight with one scale per output row; activations quantized
+per token with the 1200 cap, `llama_kernels`' default). Everything else stays in the model's dtype
+(bf16): attention, norms, embeddings and the output projection.
+
+The recipe is model knowledge, so it lives with the model's callers and reads the model's structure:
+`Llama.layers` is keyed by the layer's index ("0", "1", ...), and "first" and "last" are indices 0
+and `config.n_layers - 1` of the whole model, so a pipeline stage holding some layers gets the same
+treatment as the full model would give them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from llama_kernels import Fp8RowwiseLinear
+from llama_model import Llama
+
+__all__ = ["quantize_fp8"]
+
+# §6.2: FP8 in the feed-forward network only (not in self-attention): SwiGLU's gate (w1), down (w2)
+# and up (w3) projections, under Meta's names as in llama_model.
+FFN_PROJECTIONS = ("w1", "w2", "w3")
+
+
+def quantize_fp8(model: Llama, *, skip_first_last: bool = True) -> Llama:
+    """Apply §6.2's FP8 recipe to `model` in place and return it.
+
+    Replaces `layers[i].feed_forward.{w1,w2,w3}` (each an `nn.Linear`) with
+    `Fp8RowwiseLinear.from_linear` in every Transformer block the model holds, except, with
+    `skip_first_last` (the paper's choice, the default), the first (index 0) and the last (index
+    `config.n_layers - 1`) of the model. Attention, norms, embeddings and the output projection are
+    left as they are. Cast the model to its serving dtype (bf16) first: `.to(dtype)` afterwards would
+    cast the float8 weights too. Every block is checked before any is changed, so a refused model
+    is left as it was.
+
+    Raises TypeError if `model` is not a `llama_model.Llama` or a projection is not an `nn.Linear`
+    (e.g. the model is already quantized), and ValueError if no block would be quantized (a model
+    of one or two layers with `skip_first_last`).
+    """
+    if not isinstance(model, Llama):
+        raise TypeError(
+            f"quantize_fp8 expects a llama_model.Llama, got {type(model).__name__}; build or load "
+            "the model with llama_model (Llama(config), load_checkpoint(path)) and quantize that"
+        )
+    n_layers = model.config.n_layers
+    held = sorted(model.layers.keys(), key=int)  # "0", "1", ...: the layers' indices in the model
+    bf16_layers = {0, n_layers - 1} if skip_first_last else set()
+    chosen = [key for key in held if int(key) not in bf16_layers]
+    if not chosen:
+        what = f"{n_layers} layer(s)" if len(held) == n_layers else f"layers {held} of {n_layers}"
+        hint = (
+            " (§6.2 keeps the first and the last layer in bf16; pass skip_first_last=False to "
+            "quantize them too)"
+            if skip_first_last
+            else ""
+        )
+        raise ValueError(f"the model has {what}: nothing would be quantized{hint}")
+
+    targets: list[tuple[nn.Module, str, nn.Linear]] = []
+    for key in chosen:
+        feed_forward = getattr(model.layers[key], "feed_forward", None)
+        if not isinstance(feed_forward, nn.Module):
+            raise TypeError(
+                f"layers.{key} ({type(model.layers[key]).__name__}) has no feed_forward module"
+            )
+        for name in FFN_PROJECTIONS:
+            linear = getattr(feed_forward, name, None)
+            where = f"layers.{key}.feed_forward.{name}"
+            if isinstance(linear, Fp8RowwiseLinear):
+                raise TypeError(
+                    f"{where} is already an Fp8RowwiseLinear: the model is already quantized "
+                    "(quantize a model loaded in bf16, once)"
+                )
+            if not isinstance(linear, nn.Linear):
+                got = "missing" if linear is None else type(linear).__name__
+                raise TypeError(f"{where} must be an nn.Linear, got {got}")
+            targets.append((feed_forward, name, linear))
+    for feed_forward, name, linear in targets:
+        setattr(feed_forward, name, Fp8RowwiseLinear.from_linear(linear))
+    return model

@@ -1,0 +1,23 @@
+"""The public API of llama_serve is pinned: adding or removing a name is a deliberate change."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import llama_serve
+
+EXPECTED = [
+    "quantize_fp8",
+]
+
+
+def test_public_api_is_pinned() -> None:
+    """__all__ lists exactly the expected names, and each one is importable."""
+    assert sorted(llama_serve.__all__) == sorted(EXPECTED)
+    for name in EXPECTED:
+        assert getattr(llama_serve, name) is not None
+
+
+def test_package_ships_type_information() -> None:
+    """The installed package carries py.typed, so type checkers use its annotations."""
+    assert files("llama_serve").joinpath("py.typed").is_file()
