@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import _common  # tests/distributed/_common.py, on sys.path via conftest
 import pytest
 import torch
 
 import llama_train.loss as loss_module
+from llama_model import Documents
 from llama_train.data import IGNORE_INDEX
 from llama_train.loss import linear_cross_entropy, summed_cross_entropy
 
@@ -244,3 +246,37 @@ def test_bad_arguments_are_named(change: str, message: str) -> None:
         chunk_size = 0
     with pytest.raises(ValueError, match=message):
         linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_parameter_gradients_match_the_logits_path(tied: bool) -> None:
+    """On a tiny Llama with packed documents, hidden_states + linear_cross_entropy against
+    output_weight() gives the loss and every parameter gradient of model(...) + the plain loss
+    (tied: the output weight is the embedding table, used twice)."""
+    config = _common.tiny_config(tie_word_embeddings=tied)
+    model = _common.tiny_model(config)
+    batch = _common.tiny_batch(config)
+    attention = Documents(batch.document_ids)
+
+    def grads(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if fused:
+            hidden = model.hidden_states(batch.tokens, attention=attention)
+            loss = linear_cross_entropy(hidden, model.output_weight(), batch.targets, chunk_size=24)
+        else:
+            loss = summed_cross_entropy(model(batch.tokens, attention=attention), batch.targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    loss, fused = grads(True)
+    ref_loss, ref = grads(False)
+    torch.testing.assert_close(loss, ref_loss, rtol=F32_RTOL, atol=F32_ATOL)
+    assert fused.keys() == ref.keys()
+    # Backpropagated through 4 layers, both float32 paths differ from a float64 run by up to ~1e-6
+    # of a gradient's largest entry (measured: 9e-6 and 6e-6 on the embedding's, max 11.9), so
+    # entries are compared to 1e-5 of that (rtol 1e-5 as above).
+    for name, grad in ref.items():
+        atol = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(fused[name], grad, rtol=F32_RTOL, atol=atol, msg=name)

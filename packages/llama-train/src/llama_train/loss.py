@@ -12,7 +12,9 @@ Two ways to compute the same sum:
   only, never for the whole batch. With a 128,256-token vocabulary these are the largest tensors
   of a small model's step (`debug`: 4 rows x 256 tokens -> 525 MB per float32 copy). The idea is
   the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024, arXiv 2410.10989, §3.3), written
-  here in plain PyTorch.
+  here in plain PyTorch. On the debug model's loss (1,024 rows, bf16 autocast, 2 CPU threads) it
+  is 1.6x faster than the plain loss and its peak adds 588 MiB instead of 1,585
+  (benchmarks/loss_cpu.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ __all__ = ["linear_cross_entropy", "summed_cross_entropy"]
 
 # Rows of hidden states per chunk. A chunk holds [chunk, vocab] logits in the compute dtype and
 # their float32 probabilities (the gradient reuses the logits' buffer): 256 rows x 128,256 classes
-# -> 66 + 131 MB under bf16 autocast.
+# -> 66 + 131 MB under bf16 autocast. benchmarks/loss_cpu.py, the debug model's 1,024 rows on 2
+# CPU threads, bf16 autocast: 256 rows 1.59x the plain loss's speed, 128 rows 1.01x, 512 1.55x,
+# 1,024 1.47x (float32: 1.44x at 256, 1.73x at 512).
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -76,8 +80,9 @@ def linear_cross_entropy(
             itself), project with the model and use `summed_cross_entropy`.
         targets: next-token ids [B, T] or [N] (the leading shape of `hidden`); `IGNORE_INDEX`
             positions take no part.
-        chunk_size: rows per chunk; memory per chunk is about chunk_size x vocab x 8 bytes under
-            bf16 autocast (12 in float32).
+        chunk_size: rows per chunk; the chunk's buffers take chunk_size x vocab x 6 bytes under
+            bf16 autocast (4 in float32), beside a float32 [vocab, dim] weight gradient and,
+            under autocast, a bf16 copy of the weight and one bf16 [vocab, dim] partial product.
 
     The gradient is computed in the forward when `hidden` or `weight` requires grad and grad mode
     is on; the returned loss can be backpropagated once (its backward reuses those buffers).
@@ -156,9 +161,9 @@ def _chunked(
 
     hidden [N, dim], weight [vocab, dim], targets [N]; `needs` says which gradient to compute.
 
-    Per chunk, with x the logits of a row, m = max x at index a, and p = softmax(x) (PyTorch's
-    fused softmax kernel, in place): log-sum-exp = m - log(p_a), exact up to rounding because p_a
-    = 1 / sum exp(x - m) lies in [1 / vocab, 1] (no underflow); loss = log-sum-exp - x_target;
+    Per chunk, with x the logits of a row, m = max x and p = softmax(x) (PyTorch's fused softmax
+    kernel, in place): log-sum-exp = m - log(max p), exact up to rounding because max p =
+    1 / sum exp(x - m) lies in [1 / vocab, 1] (no underflow); loss = log-sum-exp - x_target;
     d loss / d x = p - onehot(target)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     acc = torch.promote_types(compute, torch.float32)  # softmax and sums: float32 (or float64)
@@ -187,13 +192,13 @@ def _chunked(
             n = stop - start
             h_c, t_c, valid_c = h[start:stop], safe_targets[start:stop, None], valid[start:stop]
             logits = torch.mm(h_c, w.t(), out=logits_buf[:n])  # [n, vocab], compute dtype
-            row_max, argmax = logits.max(dim=1, keepdim=True)  # [n, 1] each
+            row_max = logits.amax(dim=1, keepdim=True)  # [n, 1]
             target_logit = logits.gather(1, t_c).to(acc)  # [n, 1]
             probs = probs_buf[:n]
             if probs is not logits:
                 probs.copy_(logits)  # float32 copy of this chunk only
             torch.softmax(probs, dim=1, out=probs)  # [n, vocab], float32, in place
-            log_sum_exp = row_max.to(acc) - probs.gather(1, argmax).log()  # [n, 1]
+            log_sum_exp = row_max.to(acc) - probs.amax(dim=1, keepdim=True).log()  # [n, 1]
             loss = loss + torch.where(valid_c, (log_sum_exp - target_logit).squeeze(1), 0.0).sum()
             if grad_h is None and grad_w is None:
                 continue
