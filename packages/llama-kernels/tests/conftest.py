@@ -8,10 +8,13 @@ imports its Triton modules lazily, so setting it here, at collection, is early e
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 import torch
+
+from llama_kernels import BackendChoice, set_backend
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,15 +29,26 @@ def device() -> str:
 
 
 @pytest.fixture
-def triton_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Force the Triton backend for the duration of a test."""
-    pytest.importorskip("triton", reason="Triton is only installed on Linux")
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "triton")
-    yield
+def select_backend() -> Iterator[Callable[[str], None]]:
+    """`select_backend(name)` makes every op run `name` ("torch", "triton") until the test ends."""
+    previous = set_backend("auto")
+    set_backend(previous)
+
+    def select(name: str) -> None:
+        set_backend(cast(BackendChoice, name))
+
+    yield select
+    set_backend(previous)
 
 
 @pytest.fixture
-def torch_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def triton_backend(select_backend: Callable[[str], None]) -> None:
+    """Force the Triton backend for the duration of a test."""
+    pytest.importorskip("triton", reason="Triton is only installed on Linux")
+    select_backend("triton")
+
+
+@pytest.fixture
+def torch_backend(select_backend: Callable[[str], None]) -> None:
     """Force the PyTorch reference backend for the duration of a test."""
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "torch")
-    yield
+    select_backend("torch")

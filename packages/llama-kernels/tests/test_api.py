@@ -7,6 +7,8 @@ from importlib.resources import files
 import llama_kernels
 
 EXPECTED = [
+    "BackendChoice",
+    "set_backend",
     "Fp8RowwiseLinear",
     "RopeLayout",
     "apply_rope",

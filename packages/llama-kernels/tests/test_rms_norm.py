@@ -153,14 +153,17 @@ def test_triton_backward_matches_float64(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_matches_torch_backend(
-    shape: tuple[int, ...], dtype: torch.dtype, device: str, monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: str,
+    select_backend: Callable[[str], None],
 ) -> None:
     """The Triton and PyTorch backends agree on y, dx and dweight (each may round once differently)."""
     pytest.importorskip("triton", reason="Triton is only installed on Linux")
     x, weight, grad_out = _inputs(shape, dtype, device, seed=2)
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "torch")
+    select_backend("torch")
     y_ref, dx_ref, dw_ref = _run(x, weight, grad_out)
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "triton")
+    select_backend("triton")
     y, dx, dweight = _run(x, weight, grad_out)
     # The same bounds as against float64, centred on the other backend: both sides round normed to
     # x's dtype (possibly one ulp apart), so the bounds on each side's error cover their difference.
@@ -185,12 +188,12 @@ def test_mixed_dtypes_promote(
     w_dtype: torch.dtype,
     backend: str,
     device: str,
-    monkeypatch: pytest.MonkeyPatch,
+    select_backend: Callable[[str], None],
 ) -> None:
     """With x and weight of different dtypes, y is promote_types(x, weight) and gradients keep theirs."""
     if backend == "triton":
         pytest.importorskip("triton", reason="Triton is only installed on Linux")
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", backend)
+    select_backend(backend)
     x, weight, grad_out = _inputs((4, 37), x_dtype, device, seed=3, weight_dtype=w_dtype)
     y, dx, dweight = _run(x, weight, grad_out)
     assert (y.dtype, dx.dtype, dweight.dtype) == (
@@ -276,12 +279,15 @@ def test_non_contiguous_input(device: str, triton_backend: None) -> None:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["x_only", "weight_only"])
 def test_gradient_flows_only_where_required(
-    backend: str, needs: tuple[bool, bool], device: str, monkeypatch: pytest.MonkeyPatch
+    backend: str,
+    needs: tuple[bool, bool],
+    device: str,
+    select_backend: Callable[[str], None],
 ) -> None:
     """When only x (or only weight) requires grad, backward fills exactly that gradient."""
     if backend == "triton":
         pytest.importorskip("triton", reason="Triton is only installed on Linux")
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", backend)
+    select_backend(backend)
     x, weight, grad_out = _inputs((3, 16), torch.float32, device, seed=7)
     x.requires_grad_(needs[0])
     weight.requires_grad_(needs[1])
@@ -299,11 +305,11 @@ def test_gradient_flows_only_where_required(
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_rows(backend: str, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_rows(backend: str, device: str, select_backend: Callable[[str], None]) -> None:
     """An input with no rows gives an empty output and a zero weight gradient."""
     if backend == "triton":
         pytest.importorskip("triton", reason="Triton is only installed on Linux")
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", backend)
+    select_backend(backend)
     x, weight, grad_out = _inputs((0, 3, 8), torch.bfloat16, device, seed=8)
     y, dx, dweight = _run(x, weight, grad_out)
     assert y.shape == dx.shape == (0, 3, 8)
@@ -405,12 +411,12 @@ def test_integer_weight_raises() -> None:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_custom_ops_pass_opcheck(
-    backend: str, device: str, monkeypatch: pytest.MonkeyPatch
+    backend: str, device: str, select_backend: Callable[[str], None]
 ) -> None:
     """torch.library.opcheck: schema, fake (meta) shapes and dtypes, autograd registration, AOT."""
     if backend == "triton":
         pytest.importorskip("triton", reason="Triton is only installed on Linux")
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", backend)
+    select_backend(backend)
     x, weight, grad_out = _inputs(
         (2, 3, 20), torch.bfloat16, device, seed=12, weight_dtype=torch.float32
     )

@@ -13,6 +13,7 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -195,7 +196,7 @@ def test_triton_backward_matches_oracle_and_reference(
     dtype: torch.dtype,
     device: str,
     triton_backend: None,
-    monkeypatch: pytest.MonkeyPatch,
+    select_backend: Callable[[str], None],
 ) -> None:
     """The Triton backward gives the oracle's gradients for q and k, and the reference's."""
     shape, positions = CASES[case]
@@ -212,7 +213,7 @@ def test_triton_backward_matches_oracle_and_reference(
 
     # Triton against the reference: both are within the bound above of the oracle, so within
     # twice of each other (one ulp each way in bf16/fp16).
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "torch")
+    select_backend("torch")
     ref_dq, ref_dk = _grads(
         q.cpu(), k.cpu(), positions.cpu(), inv_freq.cpu(), layout, grad_q.cpu(), grad_k.cpu()
     )

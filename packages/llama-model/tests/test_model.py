@@ -8,12 +8,14 @@ frequency, mask or norm changes logits at 1e-2 or more).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from llama_kernels import set_backend
 from llama_model import (
     Causal,
     Documents,
@@ -110,10 +112,18 @@ def test_logits_match_transformers(overrides: dict[str, object]) -> None:
         torch.testing.assert_close(model(tokens), hf(tokens).logits, **TOL)
 
 
-def test_logits_match_transformers_with_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def triton_kernels() -> Iterator[None]:
+    """llama_kernels runs its Triton kernels (under the CPU interpreter here) during the test."""
+    previous = set_backend("triton")
+    yield
+    set_backend(previous)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_logits_match_transformers_with_triton_kernels() -> None:
     """With llama_kernels' Triton RMSNorm and RoPE (the CUDA path; here under the Triton CPU
     interpreter) the model still matches transformers, forward and through the KV cache."""
-    monkeypatch.setenv("LLAMA_KERNELS_BACKEND", "triton")
     config = tiny_config(n_layers=1)
     hf = hf_model_like(config)
     model = ours_from_hf(hf, config)

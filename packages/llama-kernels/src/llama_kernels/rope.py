@@ -24,7 +24,7 @@ The two are the same rotation up to a fixed permutation of the rows of wq and wk
 `apply_rope` is a custom op (`torch.ops.llama_kernels.apply_rope`, with a backward op that rotates
 the incoming gradients by the negative angle), so `torch.compile(fullgraph=True)` traces through
 it. It runs the Triton kernel (`_triton_rope.py`) on CUDA tensors and the PyTorch reference
-elsewhere; `LLAMA_KERNELS_BACKEND=torch|triton` overrides that (see `_backend.py`). Float64 inputs
+elsewhere; `llama_kernels.set_backend` overrides that (see `_backend.py`). Float64 inputs
 always run the reference: float64 exists for gradient checks and oracles, not for speed.
 """
 
