@@ -16,7 +16,7 @@ import torch
 import llama_train.loss as loss_module
 from llama_model import Documents
 from llama_train.data import IGNORE_INDEX
-from llama_train.loss import linear_cross_entropy, summed_cross_entropy
+from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
 
 ROWS, VOCAB, DIM = 37, 101, 16
 
@@ -280,3 +280,26 @@ def test_model_parameter_gradients_match_the_logits_path(tied: bool) -> None:
     for name, grad in ref.items():
         atol = 1e-5 * float(grad.abs().max())
         torch.testing.assert_close(fused[name], grad, rtol=F32_RTOL, atol=atol, msg=name)
+
+
+def test_kept_buffers_give_the_functional_result_call_after_call() -> None:
+    """LinearCrossEntropy reuses its buffers: two losses of different row counts, both computed
+    before either backward, equal linear_cross_entropy's (float32 and bf16 autocast), and the
+    second call reuses the first call's buffers."""
+    loss_fn = LinearCrossEntropy(chunk_size=8)
+    first, second = _inputs(rows=37, seed=3), _inputs(rows=20, seed=4)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = [
+                _with_grads(linear_cross_entropy, *x, chunk_size=8) for x in (first, second)
+            ]
+            leaves = [(h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(), t)
+                      for h, w, t in (first, second)]  # fmt: skip
+            losses = [loss_fn(h, w, t) for h, w, t in leaves]
+            pointers = {name: b.data_ptr() for name, b in loss_fn._buffers.items()}
+            loss_fn(*leaves[0])  # a third call, after both: the same buffers again
+            assert {name: b.data_ptr() for name, b in loss_fn._buffers.items()} == pointers
+        for loss, (h, w, _), want in zip(losses, leaves, expected, strict=True):
+            loss.backward()  # type: ignore[no-untyped-call]
+            assert h.grad is not None and w.grad is not None
+            _close((loss.detach(), h.grad, w.grad), want, rtol=0.0, atol=0.0)
