@@ -7,7 +7,7 @@ from importlib.resources import files
 import llama_train
 
 EXPECTED = [
-    "TrainConfig", "Trainer", "TrainResult", "ParallelDims",
+    "TrainConfig", "Trainer", "TrainResult", "ParallelDims", "bf16_is_fast",
     "BatchRamp", "BatchStage", "ContextSchedule", "ContextStage", "LrSchedule", "annealed_lr",
     "CheckpointAverage",
     "PowerLaw", "compute_optimal", "fit_from_runs", "fit_power_law", "plot_scaling_law",

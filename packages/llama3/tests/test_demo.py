@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama3.demo import main as demo_main
+from llama_train import bf16_is_fast
 
 
 def test_llama_demo_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,10 +39,14 @@ def test_llama_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         "[1/5] corpus: 12 documents",
         "[2/5] curation",
         "[3/5] shards",
-        "[4/5] pretraining: 2 steps",
+        "[4/5] pretraining (",
+        "2 steps of 1x16 tokens",
         "[5/5] exported",
     ):
         assert stage in out, out
     assert (tmp_path / "out" / "train" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "train" / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "out" / "train" / "loss.png").is_file()
+    # bf16 autocast where this CPU multiplies bf16 natively (the default --dtype auto)
+    dtype = "bfloat16" if bf16_is_fast(torch.device("cpu")) else "float32"
+    assert f"pretraining ({dtype} compute)" in out, out

@@ -11,6 +11,7 @@ streaming checkpoint average, and the scaling-law fits of §3.2.1.
 from llama_train.averaging import CheckpointAverage
 from llama_train.config import TrainConfig
 from llama_train.parallel import ParallelDims
+from llama_train.precision import bf16_is_fast
 from llama_train.scaling_laws import (
     PowerLaw,
     compute_optimal,
@@ -34,6 +35,7 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "ParallelDims",
+    "bf16_is_fast",
     # schedules (§3.4)
     "BatchRamp",
     "BatchStage",

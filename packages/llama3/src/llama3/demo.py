@@ -40,7 +40,7 @@ from llama_data import (
     write_token_shards,
 )
 from llama_model import Tokenizer, generate, load_checkpoint
-from llama_train import TrainConfig, Trainer
+from llama_train import TrainConfig, Trainer, bf16_is_fast
 
 __all__ = ["docstring_corpus", "main"]
 
@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="Return the number of")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="compute dtype (auto: bf16 autocast where this CPU multiplies bf16 "
+                        "natively, else float32)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     out: Path = args.out
@@ -108,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = write_token_shards(docs, tokenizer, out / "shards", overwrite=True)
     print(f"[3/5] shards: {manifest.num_documents} documents, {manifest.num_tokens:,} tokens")
 
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16_is_fast(torch.device("cpu")) else "float32"
     steps_available = manifest.num_tokens // ((args.seq_len + 1) * args.batch_size)
     steps = max(2, min(args.steps, steps_available))  # one pass over the curated tokens
     # The sections as a run.toml would give them (TrainConfig validates each one).
@@ -125,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "logging": {"progress": not args.no_progress},
             "steps": steps,
             "seed": args.seed,
+            "dtype": dtype,  # bf16 autocast keeps float32 weights, optimizer and loss
             "out_dir": out / "train",
         }
     )
@@ -138,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     window = max(1, len(losses) // 10)
     first = sum(losses[:window]) / window
     last = sum(losses[-window:]) / window
-    print(f"[4/5] pretraining: {len(losses)} steps of {args.batch_size}x{args.seq_len} tokens, "
+    print(f"[4/5] pretraining ({dtype} compute): {len(losses)} steps of "
+          f"{args.batch_size}x{args.seq_len} tokens, "
           f"loss {first:.3f} -> {last:.3f} (mean of first/last {window}); metrics, loss.png and "
           f"checkpoints in {out / 'train'}")  # fmt: skip
 
