@@ -1,12 +1,18 @@
 """The one crash-safe-files contract, checked against both of its homes.
 
 DESIGN.md: "a failed write leaves the previous good file in place". The contract exists once per
-dependency boundary: `llama_model` (torch side: llama-train, llama-serve, llama-align use it) and
-`llama_data` (no torch). Each exports `atomic_write(path)` (a context manager yielding a temporary
-path next to `path`) and `publish_directory(staging, target)`; every test here runs against both.
-Crash safety is proven by SIGKILLing a subprocess at a point it has provably reached (it reports
-the point, then blocks until killed), not by raising an exception (STYLE.md).
+dependency boundary: `llama_model.atomic` (torch side: llama-train, llama-serve, llama-align use
+it) and `llama_data._atomic` (no torch). Each exports `atomic_write(path)` (a context manager
+yielding a temporary path next to `path`) and `publish_directory(staging, target)`; every test
+here runs against both, through those two public names only. Crash safety is proven by
+SIGKILLing a subprocess at a point it has provably reached (it reports the point, then blocks
+until killed), not by raising an exception (STYLE.md). The directory-fsync rules follow the Linux
+fsync(2) manual: a rename is durable only once its directory is fsynced.
 """
+
+# Merged from packages/llama-data/tests/test_atomic.py (deleted); its cases already covered here
+# were dropped: a failed write keeps the old file, new/replaced/nested publish targets, the old
+# target restored when the rename fails, permissions of a plain open.
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 IMPLEMENTATIONS = ["llama_model", "llama_data"]
@@ -47,6 +54,11 @@ def _make_tree(directory: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(data)
+
+
+def _listing(directory: Path) -> list[str]:
+    """Sorted names in `directory`, hidden ones included."""
+    return sorted(path.name for path in directory.iterdir())
 
 
 OLD_TREE = {"config.json": b'{"version": "old"}', "weights/a.bin": b"A" * 4096}
@@ -139,9 +151,7 @@ def _run_until_killed(args: list[str]) -> str:
 
 
 def test_sigkill_mid_write_leaves_the_old_file(impl: ModuleType, tmp_path: Path) -> None:
-    """A process SIGKILLed while half of a 32 MiB file is written (the temporary file provably
-    holds 16 MiB) leaves the old file byte-identical, and its leftover temporary file is hidden
-    and not matched by a glob for the target's kind of file."""
+    """SIGKILL halfway through a 32 MiB write leaves the old file and only a hidden temporary."""
     target = tmp_path / "model.safetensors"
     old = os.urandom(4 * MiB)
     target.write_bytes(old)
@@ -149,36 +159,29 @@ def test_sigkill_mid_write_leaves_the_old_file(impl: ModuleType, tmp_path: Path)
     assert tmp.parent == tmp_path and tmp != target
     assert tmp.stat().st_size == 16 * MiB  # killed inside the write
     assert target.read_bytes() == old
+    # the leftover is hidden and not matched by a glob for the target's kind of file
     assert sorted(tmp_path.glob("*.safetensors")) == [target]
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [target.name]
 
 
 # --------------------------------------------------------------------------------------------
-# (b) atomic_write and exceptions
+# (b) atomic_write: the happy path, exceptions, writers, durable order
 
 
-def test_exception_leaves_old_file_and_no_temporary(impl: ModuleType, tmp_path: Path) -> None:
-    """An exception inside the block removes the temporary file and leaves `path` as it was,
-    whether it existed or not."""
-    target = tmp_path / "state.json"
+def test_target_is_untouched_until_the_block_exits(impl: ModuleType, tmp_path: Path) -> None:
+    """The yielded path is an existing file beside `path`; `path` changes only on a clean exit."""
+    target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="disk on fire"), impl.atomic_write(target) as tmp:
-        tmp.write_bytes(b"half of the new")
-        raise RuntimeError("disk on fire")
-    assert target.read_bytes() == b"old"
-    assert list(tmp_path.iterdir()) == [target]
-
-    absent = tmp_path / "never.json"
-    with pytest.raises(KeyboardInterrupt), impl.atomic_write(absent) as tmp:
-        tmp.write_bytes(b"partial")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == [target]
+    with impl.atomic_write(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target and tmp.is_file()
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # nothing visible before the exit
+    assert target.read_bytes() == b"new"
+    assert _listing(tmp_path) == [target.name]
 
 
 def test_clean_exit_replaces_file_with_plain_permissions(impl: ModuleType, tmp_path: Path) -> None:
-    """A clean exit puts the new content at `path` (parents created), leaves nothing else behind,
-    and gives the file the permissions the umask gives a new file (0o644 under umask 022), not a
-    temporary file's private 0o600."""
+    """A clean exit creates missing parents and gives the umask's 0o644, not mkstemp's 0o600."""
     target = tmp_path / "sub" / "loss.png"
     umask = os.umask(0o022)
     try:
@@ -192,13 +195,89 @@ def test_clean_exit_replaces_file_with_plain_permissions(impl: ModuleType, tmp_p
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
+def test_exception_keeps_the_old_file_and_removes_the_temporary(
+    impl: ModuleType, tmp_path: Path
+) -> None:
+    """An exception in the block leaves `path`'s previous content and no temporary file."""
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk on fire"), impl.atomic_write(target) as tmp:
+        tmp.write_bytes(b"half of the new")
+        raise RuntimeError("disk on fire")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_failure_without_a_previous_file_leaves_nothing(impl: ModuleType, tmp_path: Path) -> None:
+    """A first write interrupted by KeyboardInterrupt leaves no `path` and no temporary file."""
+    with pytest.raises(KeyboardInterrupt), impl.atomic_write(tmp_path / "never.json") as tmp:
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert _listing(tmp_path) == []
+
+
+def _numpy_save_through_a_file_object(tmp: Path) -> None:
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.arange(5))  # np.save(path) would append ".npy" to the temporary name
+
+
+def _numpy_savetxt_to_the_path(tmp: Path) -> None:
+    np.savetxt(tmp, np.arange(5))
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader", "name"),
+    [
+        (_numpy_save_through_a_file_object, np.load, "a.npy"),
+        (_numpy_savetxt_to_the_path, np.loadtxt, "a.txt"),
+    ],
+    ids=["file-object", "path"],
+)
+def test_a_library_writer_publishes_its_data(
+    impl: ModuleType,
+    tmp_path: Path,
+    writer: Callable[[Path], None],
+    reader: Callable[[Path], np.ndarray],
+    name: str,
+) -> None:
+    """A library writer given the yielded path (or a file opened on it) publishes its data."""
+    with impl.atomic_write(tmp_path / name) as tmp:
+        writer(tmp)
+    np.testing.assert_array_equal(reader(tmp_path / name), np.arange(5))
+
+
+def _is_directory(fd: int) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def test_atomic_write_fsyncs_the_file_then_replaces_then_fsyncs_the_directory(
+    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durable steps run in the order fsync(file), replace, fsync(directory)."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if _is_directory(fd) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with impl.atomic_write(tmp_path / "f") as tmp:
+        tmp.write_text("x")
+    assert events == ["fsync file", "replace", "fsync dir"]
+
+
 # --------------------------------------------------------------------------------------------
 # (c) publish_directory
 
 
 def test_publish_directory_creates_and_replaces(impl: ModuleType, tmp_path: Path) -> None:
-    """Publishing to a new target renames the staging directory there; publishing over an
-    existing one leaves exactly the new tree (no old file survives) and nothing else beside it."""
+    """Publishing creates `target`, then replaces it with exactly the new tree, nothing beside."""
     target = tmp_path / "ckpt"
     first = tmp_path / ".ckpt.staging-1"
     _make_tree(first, OLD_TREE)
@@ -207,15 +286,14 @@ def test_publish_directory_creates_and_replaces(impl: ModuleType, tmp_path: Path
     second = tmp_path / ".ckpt.staging-2"
     _make_tree(second, NEW_TREE)
     impl.publish_directory(second, target)
-    assert _tree(target) == NEW_TREE
+    assert _tree(target) == NEW_TREE  # no old file survives
     assert list(tmp_path.iterdir()) == [target]
 
 
 def test_publish_directory_puts_the_old_one_back_when_the_rename_fails(
     impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If renaming the new directory into place fails, the old one is back at `target`, the
-    staging directory is untouched and the error is raised."""
+    """A failed rename into place raises, with the old `target` back and staging untouched."""
     target, staging = tmp_path / "ckpt", tmp_path / ".ckpt.staging"
     _make_tree(target, OLD_TREE)
     _make_tree(staging, NEW_TREE)
@@ -242,10 +320,7 @@ def test_publish_directory_puts_the_old_one_back_when_the_rename_fails(
 def test_sigkill_during_publish_keeps_a_complete_directory(
     impl: ModuleType, tmp_path: Path, stop: str
 ) -> None:
-    """A process SIGKILLed before, between or after publish_directory's two renames leaves every
-    directory beside the target either the complete old tree or the complete new one: before,
-    the old one is the target; between, the target is absent but the complete old one is kept
-    beside it (and the new one in staging); after, the new one is the target."""
+    """SIGKILL before, between or after publish's two renames leaves only complete trees."""
     target, staging = tmp_path / "ckpt", tmp_path / ".ckpt.staging"
     _make_tree(target, OLD_TREE)
     _make_tree(staging, NEW_TREE)
@@ -253,19 +328,60 @@ def test_sigkill_during_publish_keeps_a_complete_directory(
 
     trees = {p.name: _tree(p) for p in tmp_path.iterdir()}
     assert all(tree in (OLD_TREE, NEW_TREE) for tree in trees.values()), "a mixed directory"
-    if stop == "aside":
+    if stop == "aside":  # the old one is still the target
         assert trees[target.name] == OLD_TREE
-    elif stop == "into-place":
+    elif stop == "into-place":  # no target, but the complete old one beside it, the new in staging
         assert target.name not in trees
         assert [name for name, tree in trees.items() if tree == OLD_TREE] != []
         assert trees[staging.name] == NEW_TREE
-    else:
+    else:  # the new one is the target
         assert trees[target.name] == NEW_TREE
         assert OLD_TREE in trees.values()  # killed before the old one was removed
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through Linux /proc")
+def test_publish_directory_fsyncs_the_staged_tree_before_the_rename(
+    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every staged file and directory is fsynced before the rename; the parent after it."""
+    staging = tmp_path / ".staging"
+    _make_tree(staging, {"a": b"1", "b": b"2", "sub/c": b"3"})
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def record(real: Callable[..., None]) -> Callable[..., None]:
+        def rename(src: object, dst: object, *args: object, **kwargs: object) -> None:
+            synced.append("rename")
+            real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", record(os.rename))
+    monkeypatch.setattr(os, "replace", record(os.replace))
+    impl.publish_directory(staging, tmp_path / "ds")
+    assert synced.count("rename") == 1
+    before = synced[: synced.index("rename")]
+    expected = {str(staging / name) for name in ("a", "b", "sub/c", "sub", "")}
+    assert {p.rstrip("/") for p in before} == {p.rstrip("/") for p in expected}
+    assert synced[synced.index("rename") + 1 :] == [str(tmp_path)]
+
+
+def test_publish_directory_refuses_a_missing_staging_directory(
+    impl: ModuleType, tmp_path: Path
+) -> None:
+    """A staging path that is not a directory is refused with its name, and nothing is created."""
+    with pytest.raises(NotADirectoryError, match="nothing"):
+        impl.publish_directory(tmp_path / "nothing", tmp_path / "ds")
+    assert _listing(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------
-# (d) the directory-fsync contract
+# (d) the fsync contract: skip only "directories cannot be synced here", raise everything else
 
 
 def _fsync_failing_on(kind: int, code: int) -> Callable[[int], None]:
@@ -281,14 +397,30 @@ def _fsync_failing_on(kind: int, code: int) -> Callable[[int], None]:
     return fsync
 
 
+def _open_failing_on_directories(code: int, refused: list[str]) -> Callable[..., int]:
+    """os.open that raises OSError(`code`) for directories (appending their path to `refused`)
+    and opens everything else."""
+    real = os.open
+
+    def open_(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: int | None) -> int:
+        if kwargs.get("dir_fd") is None and os.path.isdir(path):
+            refused.append(os.fspath(path))
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real(path, flags, *args, **kwargs)
+
+    return open_
+
+
+# EOPNOTSUPP equals ENOTSUP on Linux; the set keeps one test per distinct value.
 @pytest.mark.parametrize(
-    "code", [errno.EINVAL, errno.ENOTSUP, errno.EBADF], ids=errno.errorcode.get
+    "code",
+    sorted({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}),
+    ids=errno.errorcode.get,
 )
 def test_directories_that_cannot_be_fsynced_are_skipped(
     impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    """Where fsync of a directory answers EINVAL, ENOTSUP or EBADF ("not possible here"), both
-    the file write and the directory publish complete."""
+    """A directory fsync answering "not possible here" lets both write and publish complete."""
     monkeypatch.setattr(os, "fsync", _fsync_failing_on(stat.S_IFDIR, code))
     with impl.atomic_write(tmp_path / "file") as tmp:
         tmp.write_bytes(b"new")
@@ -303,8 +435,8 @@ def test_directories_that_cannot_be_fsynced_are_skipped(
 def test_directory_fsync_errors_are_raised(
     impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    """An EIO or ENOSPC from fsync of a directory is raised by atomic_write and by
-    publish_directory: the caller must not believe the data is safely on disk."""
+    """An EIO or ENOSPC from a directory fsync is raised by both write and publish."""
+    # the caller must not believe the data is safely on disk
     monkeypatch.setattr(os, "fsync", _fsync_failing_on(stat.S_IFDIR, code))
     with pytest.raises(OSError) as raised, impl.atomic_write(tmp_path / "file") as tmp:
         tmp.write_bytes(b"new")
@@ -316,16 +448,56 @@ def test_directory_fsync_errors_are_raised(
     assert raised.value.errno == code
 
 
-def test_file_fsync_error_keeps_the_old_file(
-    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("previous", [b"old", None], ids=["over-a-file", "first-write"])
+def test_file_fsync_error_keeps_the_previous_state(
+    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: bytes | None
 ) -> None:
-    """If the new file's data cannot be fsynced (EIO), it is never renamed in: the old file stays
-    and the temporary file is removed."""
+    """A file whose data cannot be fsynced (EIO) is never renamed in, and its temporary goes."""
     target = tmp_path / "file"
-    target.write_bytes(b"old")
+    if previous is not None:
+        target.write_bytes(previous)
     monkeypatch.setattr(os, "fsync", _fsync_failing_on(stat.S_IFREG, errno.EIO))
-    with pytest.raises(OSError) as raised, impl.atomic_write(target) as tmp:
+    with pytest.raises(OSError, match="Input/output") as raised, impl.atomic_write(target) as tmp:
         tmp.write_bytes(b"new")
     assert raised.value.errno == errno.EIO
-    assert target.read_bytes() == b"old"
-    assert list(tmp_path.iterdir()) == [target]
+    if previous is None:
+        assert _listing(tmp_path) == []
+    else:
+        assert target.read_bytes() == previous
+        assert _listing(tmp_path) == [target.name]
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EISDIR], ids=errno.errorcode.get)
+def test_directories_that_cannot_be_opened_are_skipped(
+    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Where opening a directory is refused (EACCES, EISDIR), write and publish still complete."""
+    staging = tmp_path / ".dir.staging"
+    _make_tree(staging, NEW_TREE)
+    refused: list[str] = []
+    monkeypatch.setattr(os, "open", _open_failing_on_directories(code, refused))
+    with impl.atomic_write(tmp_path / "file") as tmp:
+        tmp.write_bytes(b"new")
+    impl.publish_directory(staging, tmp_path / "dir")
+    monkeypatch.undo()
+    assert (tmp_path / "file").read_bytes() == b"new"
+    assert _tree(tmp_path / "dir") == NEW_TREE
+    assert str(tmp_path) in refused  # the refusal was really met, and skipped
+
+
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.EIO], ids=errno.errorcode.get)
+def test_other_directory_open_errors_are_raised(
+    impl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Any other error opening a directory for fsync (ENOENT, EIO) is raised by write and publish."""
+    staging = tmp_path / ".dir.staging"
+    _make_tree(staging, NEW_TREE)
+    monkeypatch.setattr(os, "open", _open_failing_on_directories(code, []))
+    with pytest.raises(OSError) as raised, impl.atomic_write(tmp_path / "file") as tmp:
+        tmp.write_bytes(b"new")
+    assert raised.value.errno == code
+    with pytest.raises(OSError) as raised:
+        impl.publish_directory(staging, tmp_path / "dir")
+    assert raised.value.errno == code
+    if code == errno.ENOENT:  # a missing directory is a FileNotFoundError, not silently skipped
+        assert isinstance(raised.value, FileNotFoundError)
