@@ -402,11 +402,13 @@ def _open_failing_on_directories(code: int, refused: list[str]) -> Callable[...,
     and opens everything else."""
     real = os.open
 
-    def open_(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: int | None) -> int:
-        if kwargs.get("dir_fd") is None and os.path.isdir(path):
+    def open_(
+        path: str | os.PathLike[str], flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
+        if dir_fd is None and os.path.isdir(path):
             refused.append(os.fspath(path))
             raise OSError(code, os.strerror(code), os.fspath(path))
-        return real(path, flags, *args, **kwargs)
+        return real(path, flags, mode, dir_fd=dir_fd)
 
     return open_
 
