@@ -1,8 +1,8 @@
 """Crash-safe writes for llama-data: llama-data's one home for the atomic file write and publish.
 
 DESIGN.md: "a failed write leaves the previous good file in place", and the atomic write exists
-once per dependency boundary (llama-model holds the same contract for the torch side; one test at
-the repository root, `tests/test_atomic_writes.py`, checks both).
+once per dependency boundary (its twin, `llama_model.atomic`, holds the same contract for the
+torch side), and `tests/test_atomic_writes.py` holds both to one contract.
 
 - `atomic_write(path)` yields a temporary path in `path`'s directory. The caller writes it however
   it likes (an open file, `np.savez`, a library that takes a path). On a clean exit the file is

@@ -3,7 +3,7 @@
 DESIGN.md: "a failed write leaves the previous good file in place". This module is the one home of
 that contract for llama-model and every package above it (llama-train, llama-serve, llama-align
 use these exported names); llama-data, which must not import torch, keeps the same contract in its
-own module, and `tests/test_atomic_writes.py` runs one test against both.
+twin, `llama_data._atomic`, and `tests/test_atomic_writes.py` holds both to one contract.
 
 - `atomic_write(path)` yields a temporary path next to `path`; the caller writes it however it
   likes. On a clean exit the file is fsynced, renamed onto `path` with `os.replace` (atomic on
