@@ -20,6 +20,7 @@ import errno
 import importlib
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -382,6 +383,56 @@ def test_publish_directory_refuses_a_missing_staging_directory(
 
 # --------------------------------------------------------------------------------------------
 # (d) the fsync contract: skip only "directories cannot be synced here", raise everything else
+
+
+def test_publish_directory_refuses_a_file_where_the_target_should_be(
+    impl: ModuleType, tmp_path: Path
+) -> None:
+    """A regular file at the target is not a directory to replace: refused, and kept as it was."""
+    target = tmp_path / "model"
+    target.write_bytes(b"someone's notes")
+    staging = tmp_path / ".model.staging"
+    _make_tree(staging, {"a": b"1"})
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        impl.publish_directory(staging, target)
+    assert target.read_bytes() == b"someone's notes"
+    assert _tree(staging) == {"a": b"1"}
+
+
+def test_atomic_write_refuses_a_directory_before_the_block_runs(
+    impl: ModuleType, tmp_path: Path
+) -> None:
+    """A directory at the path is refused before any work is done in the block."""
+    (tmp_path / "out").mkdir()
+    ran = []
+    with (
+        pytest.raises(IsADirectoryError, match="use publish_directory"),
+        impl.atomic_write(tmp_path / "out"),
+    ):
+        ran.append(True)
+    assert ran == [] and _listing(tmp_path) == ["out"]
+
+
+def test_a_leftover_old_directory_is_a_warning_not_a_failed_publish(
+    impl: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the replaced directory cannot be removed, the new one is in place: publish returns and
+    says which leftover to delete."""
+    target, staging = tmp_path / "model", tmp_path / ".model.staging"
+    _make_tree(target, {"a": b"old"})
+    _make_tree(staging, {"a": b"new"})
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "read-only", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with caplog.at_level("WARNING"):
+        impl.publish_directory(staging, target)
+    assert _tree(target) == {"a": b"new"}
+    assert "could not remove the replaced directory" in caplog.text
 
 
 def _fsync_failing_on(kind: int, code: int) -> Callable[[int], None]:

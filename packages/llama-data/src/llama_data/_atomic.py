@@ -1,26 +1,25 @@
-"""Crash-safe writes for llama-data: llama-data's one home for the atomic file write and publish.
+"""Crash-safe files for llama-data: a file or a directory holds its old complete content or its new
+complete one.
 
-DESIGN.md: "a failed write leaves the previous good file in place", and the atomic write exists
-once per dependency boundary (its twin, `llama_model.atomic`, holds the same contract for the
-torch side), and `tests/test_atomic_writes.py` holds both to one contract.
+DESIGN.md: "a failed write leaves the previous good file in place". This is llama-data's one home
+for that contract; its twin, `llama_model.atomic`, holds it for the torch side (llama-data must not
+import torch), the two are the same code, and `tests/test_atomic_writes.py` holds both to one
+contract. See `llama_model.atomic` for the reasoning behind each step; in short:
 
-- `atomic_write(path)` yields a temporary path in `path`'s directory. The caller writes it however
-  it likes (an open file, `np.savez`, a library that takes a path). On a clean exit the file is
-  fsynced, renamed onto `path` with `os.replace` (atomic on POSIX: a reader sees the old file or
-  the complete new one, never a mix), and the directory fsynced so that the rename itself survives
-  a power loss. On an exception the temporary file is removed and `path` is untouched.
-- `publish_directory(staging, target)` does the same for a directory the caller filled: every file
-  in it is fsynced, then it becomes `target` by a rename; an existing `target` is moved aside
-  first, put back if the rename fails, and removed only once the new one is in place.
-
-The fsync-then-rename-then-fsync-the-directory sequence is the one ext4's and XFS's authors ask
-applications for (the `rename(2)` and `fsync(2)` man pages; LWN, "ext4 and data loss", 2009).
+- `atomic_write(path)` yields a temporary path next to `path`; the caller writes it however it
+  likes. On a clean exit the file is fsynced, renamed onto `path` with `os.replace` and the
+  directory fsynced; on an exception the temporary file is removed and `path` is untouched.
+- `publish_directory(staging, target)` fsyncs a completely written directory and renames it into
+  place; an existing `target` is moved aside, put back if the rename fails, and removed once the
+  new one is durable.
+- A directory that the platform cannot open or fsync is skipped; every other error is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -29,54 +28,136 @@ from pathlib import Path
 
 __all__ = ["atomic_write", "publish_directory"]
 
-# errno values of os.fsync on a directory that mean "directories cannot be fsynced here" (the
-# rename is then as durable as this filesystem makes it; nothing more can be done):
-_FSYNC_UNSUPPORTED = frozenset(
+log = logging.getLogger(__name__)
+
+# errno values of os.fsync(directory fd) that mean "this platform or file system cannot fsync a
+# directory", not "the data did not reach the disk":
+_NO_DIRECTORY_FSYNC = frozenset(
     {
-        errno.EINVAL,  # Linux: the fd "is bound to a special file which does not support
-        # synchronization" (fsync(2)); some FUSE and network filesystems answer this for directories
-        errno.ENOTSUP,  # the filesystem has no fsync for directories (e.g. some SMB/CIFS mounts)
+        errno.EINVAL,  # fsync(2): "fd is bound to a special file ... which does not support
+        # synchronization" (some FUSE and network file systems, e.g. older NFS clients)
+        errno.ENOTSUP,  # file systems that implement no fsync for directories
         errno.EOPNOTSUPP,  # the same on platforms where it differs from ENOTSUP (BSDs)
-        errno.EBADF,  # Windows (and some FUSE filesystems): fsync needs a writable fd, and a
-        # directory can only be opened read-only
+        errno.EBADF,  # a directory opened read-only is not a valid fsync target (Windows, some BSDs)
     }
 )
-# errno values of os.open(directory, O_RDONLY) on platforms that refuse to open directories:
-_OPEN_REFUSED = frozenset(
+# errno values of os.open(directory, O_RDONLY) that mean "directories cannot be opened here":
+_NO_DIRECTORY_OPEN = frozenset(
     {
-        errno.EACCES,  # Windows: opening a directory with os.open raises PermissionError; on POSIX
-        # a write-only (-wx) directory, where the rename already happened and cannot be synced
-        errno.EISDIR,  # platforms whose open() refuses directories outright
+        errno.EACCES,  # Windows refuses to open a directory as a file (PermissionError)
+        errno.EISDIR,  # platforms whose open(2) refuses directories outright
     }
 )
-_TEMP_ATTEMPTS = 100  # fresh random names tried before giving up (a clash is ~2**-64 per try)
+_TEMPORARY_ATTEMPTS = 100  # random names tried before giving up (a clash is a 1 in 2**32 event)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write `path` through a temporary file that replaces it only once complete and on disk.
+
+    Yields the temporary path (an empty file in `path`'s directory, created if missing); write it
+    with anything that takes a path (`safetensors.torch.save_file`, `torch.save`,
+    `Figure.savefig(..., format=...)`, `Path.write_text`). The name ends in ``.tmp``, so pass the
+    format explicitly to writers that infer it from the suffix.
+
+    On a clean exit: fsync the file, `os.replace` it onto `path`, fsync the directory. On an
+    exception: remove the temporary file, leave `path` untouched, re-raise. An error while making
+    the rename durable (fsync of the directory) is raised although `path` already holds the new
+    content.
+
+    Example::
+
+        with atomic_write(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(config), encoding="utf-8")
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"atomic_write({str(target)!r}): that path is a directory; pass a file path "
+            "(use publish_directory to replace a directory)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _reserve_name(target, ".tmp", create=True)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+def publish_directory(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make the completely written directory `staging` become `target`, atomically.
+
+    Every file and directory under `staging` (and `staging` itself) is fsynced first, so the
+    rename never exposes data that is not on disk. Without an existing `target`, `staging` is
+    renamed to it. With one, the old `target` is moved aside, `staging` renamed into place (the
+    old one is put back if that fails) and the old one removed afterwards. The parent directory is
+    fsynced before the old one is removed. `staging` must be on the same file system as `target`:
+    create it next to `target`.
+    """
+    staging, target = Path(staging), Path(target)
+    if not staging.is_dir():
+        raise NotADirectoryError(
+            f"publish_directory: staging {str(staging)!r} is not a directory; write the new "
+            "content into a directory next to the target first"
+        )
+    if os.path.lexists(target) and not target.is_dir():
+        raise NotADirectoryError(
+            f"publish_directory: target {str(target)!r} exists and is not a directory; "
+            "remove it or choose another target"
+        )
+    _fsync_tree(staging)
+    parents = [target.parent]
+    if not _same_directory(staging.parent, target.parent):
+        parents.append(staging.parent)  # the rename removes staging's entry there too
+    if not os.path.lexists(target):
+        _rename(staging, target)
+        for parent in parents:
+            _fsync_directory(parent)
+        return
+    aside = _reserve_name(target, ".old", create=False)
+    os.replace(target, aside)
+    try:
+        _rename(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    for parent in parents:
+        _fsync_directory(parent)
+    try:
+        shutil.rmtree(aside)
+    except OSError as error:  # the new directory is in place: a leftover is not a failed publish
+        log.warning(
+            "could not remove the replaced directory %s (%s); delete it by hand", aside, error
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Make the renames in `directory` durable: open it read-only and fsync it.
-
-    Only errors that mean "directories cannot be fsynced on this platform or filesystem" are
-    ignored (see `_OPEN_REFUSED` and `_FSYNC_UNSUPPORTED`); every other OSError, e.g. EIO from a
-    failing disk, is raised: the caller's data may not be on disk.
-    """
+    """fsync `directory` so that renames in it are durable; skipped only where the platform or
+    file system cannot open or fsync a directory (see `_NO_DIRECTORY_*`), raised otherwise."""
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as err:
-        if err.errno in _OPEN_REFUSED:
+    except OSError as error:
+        if error.errno in _NO_DIRECTORY_OPEN:
             return
         raise
     try:
         os.fsync(fd)
-    except OSError as err:
-        if err.errno not in _FSYNC_UNSUPPORTED:
+    except OSError as error:
+        if error.errno not in _NO_DIRECTORY_FSYNC:
             raise
     finally:
         os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
-    """Flush a regular file's data and metadata to disk; every error is raised."""
-    # Read-only is enough for fsync on POSIX, and works for files the caller made read-only.
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -84,87 +165,55 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _temporary_path(directory: Path, name: str, kind: str) -> Path:
-    """A fresh hidden name beside `name` in `directory` (not created)."""
-    return directory / f".{name}.{kind}-{secrets.token_hex(8)}"
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and every directory under `root`, `root` last."""
+    for directory, _subdirectories, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(directory, name)
+            if not path.is_symlink() and path.is_file():
+                _fsync_file(path)
+        _fsync_directory(Path(directory))
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on a clean exit it replaces `path` durably.
+def _reserve_name(target: Path, suffix: str, *, create: bool) -> Path:
+    """A fresh hidden name ``.<target name>.<random><suffix>`` next to `target`.
 
-    The temporary file exists (empty) when yielded, created with the permissions a plain `open`
-    would give (0o666 less the umask). Write it, or replace it, as you like. On a clean exit it is
-    fsynced, `os.replace`d onto `path`, and the directory fsynced; if the body raises, the
-    temporary file is removed and `path` keeps its previous content (or stays absent). The parent
-    directory is created if missing.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(_TEMP_ATTEMPTS):
-        temporary = _temporary_path(target.parent, target.name, "tmp")
+    `create=True` creates it as an empty file with the permissions the umask gives a new file
+    (mode 0o666, masked by the kernel), which reserves the name; `create=False` only picks a name
+    that is free now (the destination of a rename)."""
+    for _ in range(_TEMPORARY_ATTEMPTS):
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}{suffix}")
+        if not create:
+            if not os.path.lexists(candidate):
+                return candidate
+            continue
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
-        os.close(fd)
-        break
-    else:
-        raise FileExistsError(f"could not create a temporary file beside {target}")
+        return candidate
+    raise FileExistsError(
+        f"could not find a free temporary name next to {str(target)!r} in "
+        f"{_TEMPORARY_ATTEMPTS} tries; remove the leftover .{target.name}.*{suffix} entries"
+    )
+
+
+def _rename(staging: Path, target: Path) -> None:
     try:
-        yield temporary
-        _fsync_file(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        os.replace(staging, target)
+    except OSError as error:
+        if error.errno == errno.EXDEV:
+            raise OSError(
+                error.errno,
+                f"publish_directory: {str(staging)!r} is on another file system than "
+                f"{str(target)!r}, so it cannot be renamed there atomically; create the "
+                "staging directory next to the target",
+            ) from error
         raise
-    _fsync_directory(target.parent)
 
 
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file and directory under `directory`, then `directory` itself."""
-    for root, dirs, files in os.walk(directory):
-        for name in files:
-            path = Path(root) / name
-            if not path.is_symlink():
-                _fsync_file(path)
-        for name in dirs:
-            _fsync_directory(Path(root) / name)
-    _fsync_directory(directory)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def publish_directory(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Make the finished directory `staging` become `target`, durably and atomically.
-
-    Every file in `staging` (recursively) and `staging` itself are fsynced. If `target` does not
-    exist, `staging` is renamed to it (atomic). If it exists, it is renamed aside, `staging` is
-    renamed into place, and the old one is put back if that rename fails, or removed once the new
-    one is in place. The parent directory is fsynced. `staging` must be on the same filesystem as
-    `target` (create it beside `target`).
-    """
-    staging, target = Path(staging), Path(target)
-    if not staging.is_dir():
-        raise NotADirectoryError(f"staging directory {staging} does not exist or is not one")
-    _fsync_tree(staging)
-    if not target.exists() and not target.is_symlink():
-        os.rename(staging, target)
-        _fsync_directory(target.parent)
-        return
-    old = _temporary_path(target.parent, target.name, "old")
-    os.rename(target, old)
+def _same_directory(a: Path, b: Path) -> bool:
     try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(old, target)  # put the previous one back
-        raise
-    _fsync_directory(target.parent)  # the new one is durably in place before the old one goes
-    _remove(old)
-    _fsync_directory(target.parent)
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
