@@ -246,23 +246,24 @@ class Trainer:
             )
         else:  # packed documents (§3.2), positions restarting per document
             attention = Documents(document_ids, kernel=self.config.model.attention_kernel)
-        with self._autocast():
-            if self.pipeline is not None:
-                pipeline = self._pipeline_for(tuple(tokens.shape))
+        if self.pipeline is not None:  # the schedule runs forward and backward per micro-batch
+            pipeline = self._pipeline_for(tuple(tokens.shape))
+            with self._autocast():
                 loss = pipeline.step(
                     tokens, targets, attention=attention, num_targets=count, broadcast_loss=True
                 )
-                assert loss is not None  # broadcast to every pipeline rank
-            else:
-                model = self.parts[0]
+            assert loss is not None  # broadcast to every pipeline rank
+        else:
+            model = self.parts[0]
+            with self._autocast():
                 if self._fused_loss:
                     assert isinstance(model, Llama)
                     hidden = model.hidden_states(tokens, attention=attention)  # [B, T, dim]
                     summed = linear_cross_entropy(hidden, model.output_weight(), targets)
                 else:
                     summed = self._cross_entropy(model(tokens, attention=attention), targets)
-                loss = summed / count
-                loss.backward()  # type: ignore[no-untyped-call]
+            loss = summed / count
+            loss.backward()  # type: ignore[no-untyped-call]
         loss = loss.detach().float()
         if self.dims.dp * self.dims.cp > 1:  # every rank's share of the global mean: sum them
             dist.all_reduce(loss, group=self.mesh["dp_cp"].get_group())
