@@ -1,4 +1,4 @@
-"""Helpers the CPU benchmarks share: the machine's name and a median wall-clock timer.
+"""Helpers the CPU benchmarks share: the machine's name, a median wall-clock timer, matmul rates.
 
 Scripts in this folder import it as `bench_common` (Python puts the script's folder on sys.path).
 """
@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_name", "timed"]
+import torch
+
+__all__ = ["cpu_name", "matmul_gflops", "timed", "timed_in_turn"]
 
 
 def cpu_name() -> str:
@@ -34,3 +36,43 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_in_turn(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run in turn each round (the order rotating) after one
+    warm-up run each, so a shared machine's drift hits them alike."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(
+    dtypes: tuple[torch.dtype, ...], size: int = 2048, repeats: int = 5
+) -> dict[str, float]:
+    """GFLOP/s of a [size, size] @ [size, size] CPU matmul in each dtype (2 size^3 FLOPs), the
+    dtypes timed in turn each round so a shared machine's drift hits them alike; median per dtype.
+    """
+    g = torch.Generator().manual_seed(0)
+    pairs = {
+        d: (torch.randn(size, size, generator=g).to(d), torch.randn(size, size, generator=g).to(d))
+        for d in dtypes
+    }
+    for a, b in pairs.values():
+        a @ b  # warm-up: oneDNN picks and caches its kernel
+    times: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
+    for _ in range(repeats):
+        for d, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            times[d].append(time.perf_counter() - start)
+    return {
+        str(d).removeprefix("torch."): 2 * size**3 / statistics.median(t) / 1e9
+        for d, t in times.items()
+    }

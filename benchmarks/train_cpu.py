@@ -2,12 +2,18 @@
 
 Both sides hold the same weights (ours copied into `transformers.LlamaForCausalLM`), take the same
 packed batch of random token shards (documents of random length, written with
-`llama_data.write_token_shards`), use the same AdamW (betas 0.9/0.95, eps 1e-5, weight decay 0.1 on
-matrices only, torch's default foreach implementation), clip gradients at global norm 1.0, and run
-with the same number of threads. One timed step is: zero the gradients, forward + backward with the
-mean next-token cross-entropy over the non-ignored targets, clip, optimizer step (and on CUDA a
-synchronize). Data loading, the spike detector and metrics are left out of both (`Trainer.fit`
-runs them between these calls).
+`llama_data.write_token_shards`), use the same AdamW settings (betas 0.9/0.95, eps 1e-5, weight
+decay 0.1 on matrices only), clip gradients at global norm 1.0, and run with the same number of
+threads. One timed step is: zero the gradients, forward + backward with the mean next-token
+cross-entropy over the non-ignored targets, clip, optimizer step (and on CUDA a synchronize).
+Data loading, the spike detector and metrics are left out of both (`Trainer.fit` runs them
+between these calls).
+
+On CPU every variant runs in float32 and in bf16 autocast (`--dtypes`; fp32 master weights,
+gradients and AdamW state, matmuls in bf16: `TrainConfig.dtype = "bfloat16"` for ours,
+`torch.autocast("cpu", torch.bfloat16)` around the forward for transformers). torch.optim.AdamW's
+default on CPU is its per-tensor for-loop implementation (foreach and fused kernels are opt-in
+there); the trainer uses that default on CPU too.
 
 What each side computes:
 - ours (`llama-train`): `Trainer.forward_backward` + `Trainer.clip_gradients` + the trainer's AdamW;
@@ -15,20 +21,32 @@ What each side computes:
   document, so SDPA gets an explicit [B, 1, T, T] mask (no plain-causal flash path);
 - ours, causal: the same trainer, model and optimizer, but the model is called without
   `document_ids` (plain causal attention, SDPA's flash path) — the cost of document masking;
+- ours+fused_adamw (CPU): the trainer's step with `AdamW(fused=True)` swapped in;
+- ours+fused_adamw+linear_ce (CPU): what the trainer will run once it takes both changes, built
+  here from the trainer's model, clipping and settings: the model's final hidden states (document
+  masked), `llama_train.loss.LinearCrossEntropy` (the chunked loss keeping its buffers between
+  steps) against `model.output_weight()` (no [B·T, vocab] logits), `Trainer.clip_gradients`,
+  `AdamW(fused=True)`;
 - transformers: `LlamaForCausalLM` (SDPA attention), plain causal attention over the packed rows
-  (it has no document masking outside flash-attention-2), `torch.optim.AdamW`,
-  `clip_grad_norm_`.
+  (it has no document masking outside flash-attention-2), `torch.optim.AdamW` (default
+  implementation), `clip_grad_norm_`; hf+fused_adamw (CPU) the same with `AdamW(fused=True)`.
 
 Reported: the median step time over --repeats steps after --warmup steps, tokens/s, ours/HF and,
 on CUDA, model-FLOPs utilisation (`llama_model.flops_per_token`, PaLM's formula, against the H100's
-dense bf16 peak of 989.4 TFLOP/s, NVIDIA H100 SXM datasheet). On CUDA the runs are bf16
-(`torch.autocast`, fp32 master weights, as the Trainer does without FSDP) with and without
-`torch.compile` (ours: `compile=true`, each block compiled; transformers: the whole model).
+dense bf16 peak of 989.4 TFLOP/s, NVIDIA H100 SXM datasheet). On CPU the variants of one model and
+dtype are timed in turn (the order rotating each round, so a shared machine's drift hits them
+alike) and each row has its speed-up over the transformers row of the same dtype, paired round by
+round; rows of different dtypes were timed in different groups, so across dtypes compare the
+medians (unpaired). The JSON also records this CPU's float32 and bf16 2048^3 matmul rates. On CUDA
+the runs are bf16 (`torch.autocast`, fp32 master weights, as the Trainer does without FSDP) with
+and without `torch.compile` (ours: `compile=true`, each block compiled; transformers: the whole
+model).
 
 CUDA also times experiments that change the trainer's step inside this script only, to measure
 what a change to llama-train would buy (rows named ours+...): `+fused_adamw` swaps in
 `AdamW(fused=True)`; `+flex` runs the document-masked attention with FlexAttention and a block mask
-built once per batch instead of SDPA with a dense mask; `+compiled_ce` computes the loss with a
+built once per batch instead of SDPA with a dense mask (now `model.attention_kernel = "flex"`,
+which "auto" also picks on CUDA); `+compiled_ce` computes the loss with a
 compiled cross-entropy, so no float32 copy of the [B·T, vocab] logits is made. `first_loss` (the
 loss of the first step, same weights and batch) checks that every variant computes the same thing.
 
@@ -40,7 +58,7 @@ new run include them and the `ours+...` rows apply them twice (harmless, but no 
 
 Prints a table and writes benchmarks/results/train_cpu.json (CPU) or
 benchmarks/results/train_gpu-<device>.json (CUDA). Usage:
-    uv run python benchmarks/train_cpu.py [--threads 2] [--repeats 5]
+    uv run python benchmarks/train_cpu.py [--threads 2] [--repeats 7] [--dtypes float32 bfloat16]
     python benchmarks/train_cpu.py --device cuda --batch-sizes 4 8 --profile kernels.txt
 (the GPU machine's own torch: PYTHONPATH=packages/*/src joined with ':'; seq 2048, llama3.2-1b)
 """
@@ -51,25 +69,35 @@ import argparse
 import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import transformers
 
-from bench_common import cpu_name
+from bench_common import cpu_name, matmul_gflops
 from llama_data import Document, write_token_shards
-from llama_model import LlamaConfig, count_parameters, document_positions, flops_per_token
+from llama_model import (
+    AttentionBackend,
+    Causal,
+    Documents,
+    Llama,
+    LlamaConfig,
+    count_parameters,
+    flops_per_token,
+)
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loss import summed_cross_entropy
+from llama_train.loss import LinearCrossEntropy, summed_cross_entropy
+from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
 
@@ -93,6 +121,10 @@ class RandomTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id = 128_000, 128_001  # Llama 3's <|begin_of_text|>, <|end_of_text|>
+        # The identity the shards' manifest records (a tokenizer defined in code: the sha256 of
+        # the string that defines it).
+        self.name = "space-separated-ids"
+        self.sha256 = hashlib.sha256(f"space-separated ids < {vocab_size}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in text.split()]
@@ -194,52 +226,23 @@ def ours_step(
     return step
 
 
-@contextlib.contextmanager
-def flex_document_attention(document_ids: torch.Tensor) -> Iterator[None]:
-    """Experiment (benchmark only): inside, the model's masked SDPA calls run FlexAttention with a
-    block-sparse document-causal mask made from `document_ids` [B, T] (the dense mask the model
-    passes is ignored; it encodes the same pattern). Needs the blocks compiled (compile=true)."""
-    import types
-
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    import llama_model.model as model_module
-
-    batch, seq_len = document_ids.shape
-
-    def document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
-
-    block_mask = create_block_mask(
-        document_causal, batch, None, seq_len, seq_len, device=document_ids.device
-    )
-    real = model_module.F  # type: ignore[attr-defined]
-
-    def attention(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False,
-                  enable_gqa: bool = False) -> Any:  # fmt: skip
-        if attn_mask is None:
-            return real.scaled_dot_product_attention(
-                q, k, v, is_causal=is_causal, enable_gqa=enable_gqa
-            )
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-
-    shim = types.ModuleType("flex_functional")
-    shim.__dict__.update(real.__dict__)
-    shim.scaled_dot_product_attention = attention  # type: ignore[attr-defined]
-    model_module.F = shim  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        model_module.F = real  # type: ignore[attr-defined]
-
-
 # Compiled, the upcast fuses into the log-softmax: no float32 copy of the [B·T, vocab] logits.
 compiled_cross_entropy = torch.compile(summed_cross_entropy)
 
 
-def attention_context(flex_ids: torch.Tensor | None) -> contextlib.AbstractContextManager[Any]:
-    """FlexAttention for these document ids (see below), or the model's own attention."""
-    return contextlib.nullcontext() if flex_ids is None else flex_document_attention(flex_ids)
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on `device` for dtype "bfloat16" (fp32 master weights), else nothing."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attention(trainer: Trainer, document_ids: torch.Tensor | None) -> AttentionBackend:
+    """The trainer's attention: packed documents (positions restarting per document, its
+    configured kernel), or plain causal when `document_ids` is None."""
+    if document_ids is None:
+        return Causal()
+    return Documents(document_ids, kernel=trainer.config.model.attention_kernel)
 
 
 def local_forward_backward(
@@ -248,18 +251,38 @@ def local_forward_backward(
     """`Trainer.forward_backward` on one process, optionally with plain causal attention (no
     document_ids) and/or the compiled cross-entropy."""
     tokens, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
-    document_ids = batch.document_ids.to(trainer.device)
+    document_ids = None if causal else batch.document_ids.to(trainer.device)
     count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
-    with trainer._autocast():
-        if causal:
-            logits = trainer.parts[0](tokens)
-        else:
-            logits = trainer.parts[0](
-                tokens, positions=document_positions(document_ids), document_ids=document_ids
-            )
+    model = cast(Llama, trainer.parts[0])
+    with autocast(trainer.device, trainer.config.dtype):
+        logits = model(tokens, attention=attention(trainer, document_ids))
     loss = (compiled_cross_entropy if compiled else summed_cross_entropy)(logits, targets) / count
     loss.backward()  # type: ignore[no-untyped-call]
     return float(loss.detach())
+
+
+def linear_ce_step(trainer: Trainer, batch: Batch) -> Callable[[], float]:
+    """The step the trainer will run (one process, no tensor/pipeline parallelism): document-masked
+    hidden states, a kept `LinearCrossEntropy` against `model.output_weight()` under the trainer's
+    autocast, `Trainer.clip_gradients`, `AdamW(fused=True)` with the trainer's settings."""
+    model = cast(Llama, trainer.parts[0])
+    loss_fn = LinearCrossEntropy()
+    trainer.optimizers = [adamw(model, trainer, fused=True)]
+    tokens, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
+    document_ids = batch.document_ids.to(trainer.device)
+    count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
+
+    def step() -> float:
+        trainer.optimizers[0].zero_grad(set_to_none=True)
+        with autocast(trainer.device, trainer.config.dtype):
+            hidden = model.hidden_states(tokens, attention=attention(trainer, document_ids))
+            loss = loss_fn(hidden, model.output_weight(), targets) / count
+        loss.backward()  # type: ignore[no-untyped-call]
+        trainer.clip_gradients()
+        trainer.optimizers[0].step()
+        return float(loss.detach())
+
+    return step
 
 
 def hf_step(
@@ -267,19 +290,16 @@ def hf_step(
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     device: torch.device,
-    bf16: bool,
+    dtype: str,
     max_norm: float,
 ) -> Callable[[], float]:
     """The plain loop: forward, the same summed cross-entropy / target count, clip, AdamW."""
     tokens, targets = batch.tokens.to(device), batch.targets.to(device)
     count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast(device, dtype):
             logits = hf(input_ids=tokens).logits
         loss = summed_cross_entropy(logits, targets) / count
         loss.backward()  # type: ignore[no-untyped-call]
@@ -291,14 +311,14 @@ def hf_step(
 
 
 def make_trainer(args: argparse.Namespace, preset: str, overrides: dict[str, Any], *, shards: Path,
-                 out_dir: Path, compile_: bool) -> Trainer:  # fmt: skip
+                 out_dir: Path, compile_: bool, dtype: str, extra: list[str]) -> Trainer:  # fmt: skip
     items = [
         f"model.preset={json.dumps(preset)}",
         f"data.sources=[{{path = {json.dumps(str(shards))}}}]",
         f"data.batch_size={args.batch_size}",
         f"data.seq_len={args.seq_len}",
         f"device={json.dumps(args.device)}",
-        f"dtype={json.dumps('bfloat16' if args.device == 'cuda' else 'float32')}",
+        f"dtype={json.dumps(dtype)}",
         f"compile={str(compile_).lower()}",
         f"out_dir={json.dumps(str(out_dir))}",
         "optimizer.peak_lr=3e-4",  # constant during timing; small so random tokens stay finite
@@ -308,7 +328,7 @@ def make_trainer(args: argparse.Namespace, preset: str, overrides: dict[str, Any
         "checkpoint.resume=false",
         "export=false",
     ]
-    items += [f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()]
+    items += [f"model.overrides.{k}={json.dumps(v)}" for k, v in overrides.items()] + extra
     return Trainer(TrainConfig.load(None, items))
 
 
@@ -317,6 +337,75 @@ def release() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     torch._dynamo.reset()
+
+
+Key = tuple[str, bool, str, str]  # (implementation, compile, attention, dtype)
+
+CPU_VARIANTS: list[tuple[str, bool, str]] = [  # timed in each dtype of --dtypes
+    ("ours", False, "document"),
+    ("ours", False, "causal"),
+    ("ours+fused_adamw", False, "document"),
+    ("ours+fused_adamw+linear_ce", False, "document"),
+    ("hf", False, "causal"),
+    ("hf+fused_adamw", False, "causal"),
+]
+GPU_VARIANTS: list[tuple[str, bool, str]] = [  # bf16
+    ("ours", False, "document"),
+    ("ours", False, "causal"),
+    ("hf", False, "causal"),
+    ("ours", True, "document"),
+    ("ours", True, "causal"),
+    ("ours+fused_adamw", True, "document"),
+    ("ours+fused_adamw", True, "causal"),
+    ("ours+fused_adamw+flex", True, "document"),
+    ("ours+fused_adamw+compiled_ce", True, "causal"),
+    ("ours+fused_adamw+flex+compiled_ce", True, "document"),
+    ("hf", True, "causal"),
+]
+
+
+def build_step(args: argparse.Namespace, key: Key, preset: str, overrides: dict[str, Any],
+               shards: Path, workdir: Path) -> tuple[Callable[[], float], Batch]:  # fmt: skip
+    """A fresh trainer (same seed, so the same weights and batch) and the step of variant `key`;
+    also the batch."""
+    impl, compile_, attention, dtype = key
+    extra = ['model.attention_kernel="flex"'] if "+flex" in impl else []
+    trainer = make_trainer(
+        args, preset, overrides, shards=shards, out_dir=workdir / "run", compile_=compile_,
+        dtype=dtype, extra=extra,
+    )  # fmt: skip
+    batch = trainer.loader.next_batch()
+    if impl == "ours+fused_adamw+linear_ce":
+        return linear_ce_step(trainer, batch), batch
+    if impl.startswith("ours"):
+        if "fused_adamw" in impl:  # the trainer's optimizer, fused (benchmark-only swap)
+            trainer.optimizers = [adamw(trainer.parts[0], trainer, fused=True)]
+        step = ours_step(
+            trainer, batch, causal=attention == "causal", compiled_loss="compiled_ce" in impl
+        )
+        return step, batch
+    hf = hf_twin(trainer)
+    trainer.parts.clear()  # free our copy of the weights
+    trainer.optimizers.clear()
+    release()
+    if compile_:
+        hf.compile()
+    optimizer = adamw(hf, trainer, fused=True) if "fused_adamw" in impl else adamw(hf, trainer)
+    step = hf_step(
+        hf, optimizer, batch, trainer.device, dtype, trainer.config.optimizer.max_grad_norm
+    )
+    return step, batch
+
+
+def workload(batch: Batch) -> dict[str, int]:
+    """What one step trains on: rows, tokens, packed documents, targets that count."""
+    ids = batch.document_ids
+    return {
+        "rows": int(ids.shape[0]),
+        "tokens": int(ids.numel()),
+        "documents": int((ids[:, 1:] != ids[:, :-1]).sum()) + int(ids.shape[0]),
+        "targets": int((batch.targets != IGNORE_INDEX).sum()),
+    }
 
 
 def bench(args: argparse.Namespace, name: str, preset: str, overrides: dict[str, Any],
@@ -336,118 +425,90 @@ def bench(args: argparse.Namespace, name: str, preset: str, overrides: dict[str,
     batch_tokens = args.batch_size * args.seq_len
     flops = flops_per_token(config, args.seq_len)
     peak = args.peak_tflops * 1e12 if cuda else None
-    variants: list[tuple[str, bool, str]] = [  # (implementation, compile, attention)
-        ("ours", False, "document"),
-        ("ours", False, "causal"),
-        ("hf", False, "causal"),
-    ]
-    if cuda:
-        variants += [
-            ("ours", True, "document"),
-            ("ours", True, "causal"),
-            ("ours+fused_adamw", True, "document"),
-            ("ours+fused_adamw", True, "causal"),
-            ("ours+fused_adamw+flex", True, "document"),
-            ("ours+fused_adamw+compiled_ce", True, "causal"),
-            ("ours+fused_adamw+flex+compiled_ce", True, "document"),
-            ("hf", True, "causal"),
-        ]
+    dtypes = ["bfloat16"] if cuda else args.dtypes
+    variants = [(*v, dtype) for dtype in dtypes for v in (GPU_VARIANTS if cuda else CPU_VARIANTS)]
     variants = [v for v in variants if not args.only or "/".join(map(str, v)) in args.only]
-    built: list[tuple[tuple[str, bool, str], Callable[[], float], torch.Tensor | None]] = []
-    rows = []
-    documents = 0
-    for impl, compile_, attention in variants:
+    rows: list[dict[str, Any]] = []
+    if not cuda:  # CPU: the variants of one dtype are kept and timed in alternation
+        for dtype in dtypes:
+            group = [v for v in variants if v[3] == dtype]
+            if group:
+                rows += bench_cpu_group(args, config, group, preset, overrides, shards, workdir)
+    for key in variants if cuda else []:
+        impl, compile_, attention, _ = key
         release()
-        trainer = make_trainer(
-            args, preset, overrides, shards=shards, out_dir=workdir / "run", compile_=compile_
-        )
-        batch = trainer.loader.next_batch()
-        documents = int((batch.document_ids[:, 1:] != batch.document_ids[:, :-1]).sum()) + len(
-            batch.document_ids
-        )
         started = time.perf_counter()
-        flex_ids = batch.document_ids.to(trainer.device) if "+flex" in impl else None
-        if impl.startswith("ours"):
-            if "fused_adamw" in impl:  # the trainer's optimizer, fused (benchmark-only swap)
-                trainer.optimizers = [adamw(trainer.parts[0], trainer, fused=True)]
-            step = ours_step(
-                trainer, batch, causal=attention == "causal", compiled_loss="compiled_ce" in impl
-            )
-        else:
-            hf = hf_twin(trainer)
-            trainer.parts.clear()  # free our copy of the weights
-            trainer.optimizers.clear()
-            release()
-            if compile_:
-                hf.compile()
-            step = hf_step(
-                hf,
-                adamw(hf, trainer),
-                batch,
-                trainer.device,
-                bf16=cuda,
-                max_norm=trainer.config.optimizer.max_grad_norm,
-            )
-            del hf
-        del trainer
-        if not cuda:  # CPU: all variants are kept and timed in alternation, see below
-            built.append(((impl, compile_, attention), step, flex_ids))
-            continue
+        step, batch = build_step(args, key, preset, overrides, shards, workdir)
+        counts = workload(batch)
         try:
-            with attention_context(flex_ids):
-                times, first_loss = time_steps(step, args.warmup, args.repeats, cuda)
+            times, first_loss = time_steps(step, args.warmup, args.repeats, cuda)
         except Exception as error:  # e.g. out of memory, a compile failure: report, go on
             print(f"{name} {impl} compile={compile_} {attention}: {error!r}"[:2000], flush=True)
             del step
             release()
             continue
-        row = make_row(args, config, (impl, compile_, attention), documents, times, first_loss)
+        row = make_row(args, config, key, counts, times, first_loss)
         row["warmup_s"] = time.perf_counter() - started - sum(times)
         row["mfu"] = flops * batch_tokens / row["step_s_median"] / peak
         row["max_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
         if args.profile and f"{impl}/{compile_}/{attention}" == args.profile_row:
             path = args.profile.with_name(f"{args.profile.stem}-b{args.batch_size}.txt")
-            with attention_context(flex_ids):
-                row["profile"] = profile(step, path)
+            row["profile"] = profile(step, path)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         del step
         release()
-    if built:
-        # A shared CPU's speed drifts over minutes: time the variants in turn (the order rotating
-        # each round), so each sees the same conditions, and also report the paired ratios.
-        steps = {key: step for key, step, _ in built}
-        first_losses = {key: step() for key, step in steps.items()}
-        for _ in range(args.warmup - 1):
-            for step in steps.values():
-                step()
-        timings: dict[tuple[str, bool, str], list[float]] = {key: [] for key in steps}
-        keys = list(steps)
-        for round_ in range(args.repeats):
-            for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
-                start = time.perf_counter()
-                steps[key]()
-                timings[key].append(time.perf_counter() - start)
-        hf_key = next((k for k in keys if k[0] == "hf"), None)
-        for key in keys:
-            row = make_row(args, config, key, documents, timings[key], first_losses[key])
-            if hf_key is not None:
-                paired = [h / t for h, t in zip(timings[hf_key], timings[key], strict=True)]
-                row["vs_hf_paired_median"] = statistics.median(paired)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    baseline = {r["compile"]: r["tokens_per_s"] for r in rows if r["impl"] == "hf"}  # same compile
+    baseline = {  # the plain transformers loop of the same compile and dtype
+        (r["compile"], r["dtype"]): r["tokens_per_s"] for r in rows if r["impl"] == "hf"
+    }
     for r in rows:
-        if r["compile"] in baseline:
-            r["vs_hf"] = r["tokens_per_s"] / baseline[r["compile"]]
+        if (r["compile"], r["dtype"]) in baseline:
+            r["vs_hf"] = r["tokens_per_s"] / baseline[r["compile"], r["dtype"]]
     return rows
 
 
-def make_row(args: argparse.Namespace, config: LlamaConfig, key: tuple[str, bool, str],
-             documents: int, times: list[float], first_loss: float) -> dict[str, Any]:  # fmt: skip
+def bench_cpu_group(args: argparse.Namespace, config: LlamaConfig, group: list[Key], preset: str,
+                    overrides: dict[str, Any], shards: Path, workdir: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """CPU: build every variant of `group` (one dtype), then time them in turn. A shared CPU's
+    speed drifts over minutes: rotating the order each round gives each variant the same
+    conditions, and the ratio to the transformers row is also reported paired, round by round."""
+    steps: dict[Key, Callable[[], float]] = {}
+    counts: dict[str, int] = {}
+    for key in group:
+        release()
+        steps[key], batch = build_step(args, key, preset, overrides, shards, workdir)
+        counts = workload(batch)
+    print(f"{args.config_name} {group[0][3]}: workload per step {counts}", flush=True)
+    first_losses = {key: step() for key, step in steps.items()}
+    for _ in range(args.warmup - 1):
+        for step in steps.values():
+            step()
+    timings: dict[Key, list[float]] = {key: [] for key in steps}
+    keys = list(steps)
+    for round_ in range(args.repeats):
+        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+            start = time.perf_counter()
+            steps[key]()
+            timings[key].append(time.perf_counter() - start)
+    hf_key = next((k for k in keys if k[0] == "hf"), None)
+    rows = []
+    for key in keys:
+        row = make_row(args, config, key, counts, timings[key], first_losses[key])
+        if hf_key is not None:
+            paired = [h / t for h, t in zip(timings[hf_key], timings[key], strict=True)]
+            row["vs_hf_paired_median"] = statistics.median(paired)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    steps.clear()
+    release()
+    return rows
+
+
+def make_row(args: argparse.Namespace, config: LlamaConfig, key: Key, counts: dict[str, int],
+             times: list[float], first_loss: float) -> dict[str, Any]:  # fmt: skip
     """One result row: the variant, its step-time percentiles and tokens/s."""
-    impl, compile_, attention = key
+    impl, compile_, attention, dtype = key
     median = statistics.median(times)
     return {
         "config": args.config_name,
@@ -455,9 +516,11 @@ def make_row(args: argparse.Namespace, config: LlamaConfig, key: tuple[str, bool
         "impl": impl,
         "compile": compile_,
         "attention": attention,
+        "dtype": dtype,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
-        "documents_per_batch": documents,
+        "documents_per_batch": counts["documents"],
+        "targets_per_batch": counts["targets"],
         "step_s_median": median,
         "step_s_p20": float(np.percentile(times, 20)),
         "step_s_p80": float(np.percentile(times, 80)),
@@ -494,7 +557,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="cpu: 2, cuda: 4")
     parser.add_argument("--repeats", type=int, default=None, help="cpu: 7, cuda: 10")
     parser.add_argument("--configs", nargs="+", default=None)
-    parser.add_argument("--only", nargs="*", default=None, help="impl/compile/attention rows")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
+        help="cpu: float32, and bfloat16 (autocast) when the CPU multiplies bf16 natively",
+    )  # fmt: skip
+    parser.add_argument("--only", nargs="*", default=None, help="impl/compile/attention/dtype rows")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12)
     parser.add_argument("--profile", type=Path, default=None, help="cuda: kernel table file")
     parser.add_argument("--profile-row", default="ours+fused_adamw/True/causal")
@@ -507,7 +574,14 @@ def main() -> None:
     args.repeats = args.repeats or (10 if cuda else 7)
     configs = GPU_CONFIGS if cuda else CPU_CONFIGS
     args.configs = args.configs or list(configs)
+    if args.dtypes is None:
+        args.dtypes = ["float32", "bfloat16"] if bf16_is_fast(torch.device("cpu")) else ["float32"]
     torch.set_num_threads(args.threads)
+    matmul = None if cuda else matmul_gflops((torch.float32, torch.bfloat16))
+    if matmul:
+        print(f"2048^3 matmul, {args.threads} threads: " + ", ".join(
+            f"{k} {v:.0f} GFLOP/s" for k, v in matmul.items()
+        ) + f" (bf16/float32 {matmul['bfloat16'] / matmul['float32']:.1f}x)", flush=True)  # fmt: skip
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer) on tensor cores
     device_name = torch.cuda.get_device_name() if cuda else cpu_name()
@@ -523,14 +597,16 @@ def main() -> None:
             "threads": args.threads,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "dtype": unit,
+            "dtypes": ["bfloat16"] if cuda else args.dtypes,
+            "cpu_bf16_instructions": None if cuda else list(cpu_bf16_instructions()),
+            "matmul_2048_gflops": matmul,
             "peak_flops": args.peak_tflops * 1e12 if cuda else None,
+            "best_vs_best": best_vs_best(rows),
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
-    unit = "bf16 autocast" if cuda else "float32"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
@@ -541,24 +617,68 @@ def main() -> None:
                 save(rows)
 
     print(
-        f"\ntraining step, batch rows x {args.seq_len} tokens, {unit}, "
+        f"\ntraining step, batch rows x {args.seq_len} tokens, "
         f"{args.threads} threads, median of {args.repeats} after {args.warmup} warm-up"
     )
     header = (
-        f"{'config':<12}{'rows':>5}  {'impl':<34}{'compile':>8}{'attention':>10}{'step ms':>10}"
+        f"{'config':<12}{'rows':>5}  {'impl':<34}{'compile':>8}{'attention':>10}{'dtype':>10}"
+        f"{'step ms':>10}"
     )
     header += f"{'tokens/s':>11}{'vs hf':>7}{'loss0':>8}" + (
         f"{'MFU':>7}{'GiB':>6}" if cuda else ""
     )
     print(header)
     for r in rows:
-        line = f"{r['config']:<12}{r['batch_size']:>5}  {r['impl']:<34}{r['compile']!s:>8}{r['attention']:>10}"
+        line = f"{r['config']:<12}{r['batch_size']:>5}  {r['impl']:<34}{r['compile']!s:>8}{r['attention']:>10}{r['dtype']:>10}"
         line += f"{r['step_s_median'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
         line += f"{r.get('vs_hf_paired_median', r.get('vs_hf', float('nan'))):>7.2f}{r['first_loss']:>8.3f}"
         if cuda:
             line += f"{r['mfu']:>7.1%}{r['max_memory_GiB']:>6.1f}"
         print(line)
+    for b in best_vs_best(rows):
+        print(
+            f"{b['config']} rows={b['batch_size']}: {b['ours_impl']} ({b['ours_dtype']}) "
+            f"{b['ours_step_ms']:.0f} ms vs hf ({b['hf_dtype']}) {b['hf_step_ms']:.0f} ms: "
+            f"{b['speedup']:.2f}x" + ("" if b["paired"] else " (unpaired: different dtype groups)")
+        )
     print(f"wrote {args.out}")
+
+
+def best_vs_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per config and batch size and for each of our implementations: our fastest dtype against
+    the plain transformers + default AdamW loop's fastest dtype (uncompiled), by median step."""
+    out = []
+    for config, batch_size in dict.fromkeys((r["config"], r["batch_size"]) for r in rows):
+        same = [r for r in rows if (r["config"], r["batch_size"]) == (config, batch_size)]
+        same = [r for r in same if not r["compile"]]
+        hf = [r for r in same if r["impl"] == "hf"]
+        if not hf:
+            continue
+        best_hf = min(hf, key=lambda r: r["step_s_median"])
+        for impl in dict.fromkeys(r["impl"] for r in same if r["impl"].startswith("ours")):
+            ours = [r for r in same if r["impl"] == impl and r["attention"] == "document"]
+            if not ours:
+                continue
+            best = min(ours, key=lambda r: r["step_s_median"])
+            out.append(
+                {
+                    "config": config,
+                    "batch_size": batch_size,
+                    "ours_impl": impl,
+                    "ours_dtype": best["dtype"],
+                    "ours_step_ms": best["step_s_median"] * 1e3,
+                    "hf_dtype": best_hf["dtype"],
+                    "hf_step_ms": best_hf["step_s_median"] * 1e3,
+                    "speedup": best_hf["step_s_median"] / best["step_s_median"],
+                    "paired": best["dtype"] == best_hf["dtype"],
+                    "speedup_paired_median": (
+                        best.get("vs_hf_paired_median")
+                        if best["dtype"] == best_hf["dtype"]
+                        else None
+                    ),
+                }
+            )
+    return out
 
 
 if __name__ == "__main__":
