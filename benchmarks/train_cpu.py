@@ -18,15 +18,15 @@ there); the trainer uses that default on CPU too.
 What each side computes:
 - ours (`llama-train`): `Trainer.forward_backward` + `Trainer.clip_gradients` + the trainer's AdamW;
   attention is masked at document boundaries (`document_ids`, §3.2) and positions restart at each
-  document, so SDPA gets an explicit [B, 1, T, T] mask (no plain-causal flash path);
-- ours, causal: the same trainer, model and optimizer, but the model is called without
-  `document_ids` (plain causal attention, SDPA's flash path) — the cost of document masking;
+  document, so SDPA gets an explicit [B, 1, T, T] mask (no plain-causal flash path); on one
+  process the trainer's loss is `llama_train.loss.linear_cross_entropy` of the final hidden
+  states against `model.output_weight()` (chunked, no [B·T, vocab] logits);
+- ours, causal: the same model, loss and optimizer, but plain causal attention (SDPA's flash
+  path) — the cost of document masking;
 - ours+fused_adamw (CPU): the trainer's step with `AdamW(fused=True)` swapped in;
-- ours+fused_adamw+linear_ce (CPU): what the trainer will run once it takes both changes, built
-  here from the trainer's model, clipping and settings: the model's final hidden states (document
-  masked), `llama_train.loss.LinearCrossEntropy` (the chunked loss keeping its buffers between
-  steps) against `model.output_weight()` (no [B·T, vocab] logits), `Trainer.clip_gradients`,
-  `AdamW(fused=True)`;
+- ours+fused_adamw+kept_ce (CPU): the step with both changes proposed to the trainer, built here
+  from its model, clipping and settings: `llama_train.loss.LinearCrossEntropy` (the same chunked
+  loss, keeping its buffers between steps) and `AdamW(fused=True)`;
 - transformers: `LlamaForCausalLM` (SDPA attention), plain causal attention over the packed rows
   (it has no document masking outside flash-attention-2), `torch.optim.AdamW` (default
   implementation), `clip_grad_norm_`; hf+fused_adamw (CPU) the same with `AdamW(fused=True)`.
@@ -96,7 +96,7 @@ from llama_model import (
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loss import LinearCrossEntropy, summed_cross_entropy
+from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
 from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
@@ -248,23 +248,30 @@ def attention(trainer: Trainer, document_ids: torch.Tensor | None) -> AttentionB
 def local_forward_backward(
     trainer: Trainer, batch: Batch, *, causal: bool, compiled: bool
 ) -> float:
-    """`Trainer.forward_backward` on one process, optionally with plain causal attention (no
-    document_ids) and/or the compiled cross-entropy."""
+    """`Trainer.forward_backward` on one process (the chunked `linear_cross_entropy` of the final
+    hidden states), optionally with plain causal attention (no document_ids); `compiled` projects
+    to logits and takes the compiled cross-entropy instead."""
     tokens, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
     document_ids = None if causal else batch.document_ids.to(trainer.device)
     count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
     model = cast(Llama, trainer.parts[0])
     with autocast(trainer.device, trainer.config.dtype):
-        logits = model(tokens, attention=attention(trainer, document_ids))
-    loss = (compiled_cross_entropy if compiled else summed_cross_entropy)(logits, targets) / count
+        if compiled:
+            logits = model(tokens, attention=attention(trainer, document_ids))
+            summed = compiled_cross_entropy(logits, targets)
+        else:
+            hidden = model.hidden_states(tokens, attention=attention(trainer, document_ids))
+            summed = linear_cross_entropy(hidden, model.output_weight(), targets)
+    loss = summed / count
     loss.backward()  # type: ignore[no-untyped-call]
     return float(loss.detach())
 
 
-def linear_ce_step(trainer: Trainer, batch: Batch) -> Callable[[], float]:
-    """The step the trainer will run (one process, no tensor/pipeline parallelism): document-masked
-    hidden states, a kept `LinearCrossEntropy` against `model.output_weight()` under the trainer's
-    autocast, `Trainer.clip_gradients`, `AdamW(fused=True)` with the trainer's settings."""
+def kept_ce_step(trainer: Trainer, batch: Batch) -> Callable[[], float]:
+    """The step with both proposed changes (one process, no tensor/pipeline parallelism):
+    document-masked hidden states, a kept `LinearCrossEntropy` against `model.output_weight()`
+    under the trainer's autocast, `Trainer.clip_gradients`, `AdamW(fused=True)` with the
+    trainer's settings."""
     model = cast(Llama, trainer.parts[0])
     loss_fn = LinearCrossEntropy()
     trainer.optimizers = [adamw(model, trainer, fused=True)]
@@ -345,7 +352,7 @@ CPU_VARIANTS: list[tuple[str, bool, str]] = [  # timed in each dtype of --dtypes
     ("ours", False, "document"),
     ("ours", False, "causal"),
     ("ours+fused_adamw", False, "document"),
-    ("ours+fused_adamw+linear_ce", False, "document"),
+    ("ours+fused_adamw+kept_ce", False, "document"),
     ("hf", False, "causal"),
     ("hf+fused_adamw", False, "causal"),
 ]
@@ -375,8 +382,8 @@ def build_step(args: argparse.Namespace, key: Key, preset: str, overrides: dict[
         dtype=dtype, extra=extra,
     )  # fmt: skip
     batch = trainer.loader.next_batch()
-    if impl == "ours+fused_adamw+linear_ce":
-        return linear_ce_step(trainer, batch), batch
+    if impl == "ours+fused_adamw+kept_ce":
+        return kept_ce_step(trainer, batch), batch
     if impl.startswith("ours"):
         if "fused_adamw" in impl:  # the trainer's optimizer, fused (benchmark-only swap)
             trainer.optimizers = [adamw(trainer.parts[0], trainer, fused=True)]
