@@ -13,20 +13,17 @@ On CPU every variant runs in float32 and in bf16 autocast (`--dtypes`; fp32 mast
 gradients and AdamW state, matmuls in bf16: `TrainConfig.dtype = "bfloat16"` for ours,
 `torch.autocast("cpu", torch.bfloat16)` around the forward for transformers). torch.optim.AdamW's
 default on CPU is its per-tensor for-loop implementation (foreach and fused kernels are opt-in
-there); the trainer uses that default on CPU too.
+there); the trainer opts in to the fused one, and so does the hf+fused_adamw row.
 
 What each side computes:
 - ours (`llama-train`): `Trainer.forward_backward` + `Trainer.clip_gradients` + the trainer's AdamW;
   attention is masked at document boundaries (`document_ids`, §3.2) and positions restart at each
-  document, so SDPA gets an explicit [B, 1, T, T] mask (no plain-causal flash path); on one
-  process the trainer's loss is `llama_train.loss.linear_cross_entropy` of the final hidden
-  states against `model.output_weight()` (chunked, no [B·T, vocab] logits);
+  document, so SDPA gets an explicit [B, 1, T, T] mask (no plain-causal flash path); on one CPU
+  process the trainer's loss is `llama_train.loss.LinearCrossEntropy` of the final hidden states
+  against `model.output_weight()` (chunked, no [B·T, vocab] logits, buffers kept between steps)
+  and its AdamW is the fused one;
 - ours, causal: the same model, loss and optimizer, but plain causal attention (SDPA's flash
   path) — the cost of document masking;
-- ours+fused_adamw (CPU): the trainer's step with `AdamW(fused=True)` swapped in;
-- ours+fused_adamw+kept_ce (CPU): the step with both changes proposed to the trainer, built here
-  from its model, clipping and settings: `llama_train.loss.LinearCrossEntropy` (the same chunked
-  loss, keeping its buffers between steps) and `AdamW(fused=True)`;
 - transformers: `LlamaForCausalLM` (SDPA attention), plain causal attention over the packed rows
   (it has no document masking outside flash-attention-2), `torch.optim.AdamW` (default
   implementation), `clip_grad_norm_`; hf+fused_adamw (CPU) the same with `AdamW(fused=True)`.
@@ -96,7 +93,7 @@ from llama_model import (
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
-from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
+from llama_train.loss import LinearCrossEntropy, summed_cross_entropy
 from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
@@ -210,12 +207,15 @@ def ours_step(
     `compiled_loss` computes the cross-entropy with a compiled function instead of
     `logits.float()` + `F.cross_entropy` (both benchmark-local versions of `forward_backward`,
     with the trainer's model, clipping and optimizer)."""
+    loss_fn = LinearCrossEntropy()  # kept buffers, as the trainer's own
 
     def step() -> float:
         for optimizer in trainer.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if causal or compiled_loss:
-            loss = local_forward_backward(trainer, batch, causal=causal, compiled=compiled_loss)
+            loss = local_forward_backward(
+                trainer, batch, loss_fn, causal=causal, compiled=compiled_loss
+            )
         else:
             loss = trainer.forward_backward(batch)
         trainer.clip_gradients()
@@ -246,11 +246,16 @@ def attention(trainer: Trainer, document_ids: torch.Tensor | None) -> AttentionB
 
 
 def local_forward_backward(
-    trainer: Trainer, batch: Batch, *, causal: bool, compiled: bool
+    trainer: Trainer,
+    batch: Batch,
+    loss_fn: LinearCrossEntropy,
+    *,
+    causal: bool,
+    compiled: bool,
 ) -> float:
-    """`Trainer.forward_backward` on one process (the chunked `linear_cross_entropy` of the final
-    hidden states), optionally with plain causal attention (no document_ids); `compiled` projects
-    to logits and takes the compiled cross-entropy instead."""
+    """`Trainer.forward_backward` on one CPU process (`loss_fn`, the chunked cross-entropy of the
+    final hidden states), optionally with plain causal attention (no document_ids); `compiled`
+    projects to logits and takes the compiled cross-entropy instead."""
     tokens, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
     document_ids = None if causal else batch.document_ids.to(trainer.device)
     count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
@@ -261,35 +266,10 @@ def local_forward_backward(
             summed = compiled_cross_entropy(logits, targets)
         else:
             hidden = model.hidden_states(tokens, attention=attention(trainer, document_ids))
-            summed = linear_cross_entropy(hidden, model.output_weight(), targets)
+            summed = loss_fn(hidden, model.output_weight(), targets)
     loss = summed / count
     loss.backward()  # type: ignore[no-untyped-call]
     return float(loss.detach())
-
-
-def kept_ce_step(trainer: Trainer, batch: Batch) -> Callable[[], float]:
-    """The step with both proposed changes (one process, no tensor/pipeline parallelism):
-    document-masked hidden states, a kept `LinearCrossEntropy` against `model.output_weight()`
-    under the trainer's autocast, `Trainer.clip_gradients`, `AdamW(fused=True)` with the
-    trainer's settings."""
-    model = cast(Llama, trainer.parts[0])
-    loss_fn = LinearCrossEntropy()
-    trainer.optimizers = [adamw(model, trainer, fused=True)]
-    tokens, targets = batch.tokens.to(trainer.device), batch.targets.to(trainer.device)
-    document_ids = batch.document_ids.to(trainer.device)
-    count = (targets != IGNORE_INDEX).sum().to(torch.float32).clamp(min=1.0)
-
-    def step() -> float:
-        trainer.optimizers[0].zero_grad(set_to_none=True)
-        with autocast(trainer.device, trainer.config.dtype):
-            hidden = model.hidden_states(tokens, attention=attention(trainer, document_ids))
-            loss = loss_fn(hidden, model.output_weight(), targets) / count
-        loss.backward()  # type: ignore[no-untyped-call]
-        trainer.clip_gradients()
-        trainer.optimizers[0].step()
-        return float(loss.detach())
-
-    return step
 
 
 def hf_step(
@@ -351,8 +331,6 @@ Key = tuple[str, bool, str, str]  # (implementation, compile, attention, dtype)
 CPU_VARIANTS: list[tuple[str, bool, str]] = [  # timed in each dtype of --dtypes
     ("ours", False, "document"),
     ("ours", False, "causal"),
-    ("ours+fused_adamw", False, "document"),
-    ("ours+fused_adamw+kept_ce", False, "document"),
     ("hf", False, "causal"),
     ("hf+fused_adamw", False, "causal"),
 ]
@@ -382,8 +360,6 @@ def build_step(args: argparse.Namespace, key: Key, preset: str, overrides: dict[
         dtype=dtype, extra=extra,
     )  # fmt: skip
     batch = trainer.loader.next_batch()
-    if impl == "ours+fused_adamw+kept_ce":
-        return kept_ce_step(trainer, batch), batch
     if impl.startswith("ours"):
         if "fused_adamw" in impl:  # the trainer's optimizer, fused (benchmark-only swap)
             trainer.optimizers = [adamw(trainer.parts[0], trainer, fused=True)]

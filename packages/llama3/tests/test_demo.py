@@ -48,5 +48,6 @@ def test_llama_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "out" / "train" / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "out" / "train" / "loss.png").is_file()
     # bf16 autocast where this CPU multiplies bf16 natively (the default --dtype auto)
-    dtype = "bfloat16" if bf16_is_fast(torch.device("cpu")) else "float32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if bf16_is_fast(device) else "float32"
     assert f"pretraining ({dtype} compute)" in out, out

@@ -44,7 +44,7 @@ from llama_train.averaging import CheckpointAverage
 from llama_train.checkpoint import ModelState, OptimizerState, TrainCheckpointer
 from llama_train.config import SourceConfig, TrainConfig
 from llama_train.data import IGNORE_INDEX, Batch, BatchLoader, DataSource
-from llama_train.loss import linear_cross_entropy, summed_cross_entropy
+from llama_train.loss import LinearCrossEntropy, summed_cross_entropy
 from llama_train.metrics import MetricsLogger, memory_stats, model_flops_utilization, peak_flops
 from llama_train.optimizer import build_optimizer, set_learning_rate
 from llama_train.parallel.compose import parallelize
@@ -105,10 +105,15 @@ class Trainer:
             build_optimizer(part, config.optimizer, self.device) for part in self.parts
         ]
         self._fsdp = self.dims.dp_replicate * self.dims.dp_shard * self.dims.cp > 1
-        # One model part whose output projection is a plain weight (no FSDP, TP or pipeline):
-        # the loss takes the final hidden states and never materialises the [B, T, vocab] logits
-        # (`linear_cross_entropy`). Elsewhere the model projects (sharded projections, stages).
-        self._fused_loss = not self._fsdp and self.dims.tp == 1 and self.dims.pp == 1
+        # On a CPU, one model part whose output projection is a plain weight (no FSDP, TP or
+        # pipeline): the loss takes the final hidden states and never materialises the [B, T,
+        # vocab] logits, keeping its chunk buffers between steps (`LinearCrossEntropy`; 2x the
+        # plain loss on the debug model, benchmarks/loss_cpu.py). Elsewhere the model projects
+        # (sharded projections, stages; on CUDA the compiled loss below is what was measured).
+        self._fused_loss = (
+            self.device.type == "cpu" and not self._fsdp and self.dims.tp == 1 and self.dims.pp == 1
+        )
+        self._linear_cross_entropy = LinearCrossEntropy()
         # The float32 upcast of the [B, T, vocab] logits and the cross-entropy, fused by inductor
         # when compiling (the largest activation of a small model: +2-3% MFU on an H100).
         self._cross_entropy = (
@@ -259,7 +264,7 @@ class Trainer:
                 if self._fused_loss:
                     assert isinstance(model, Llama)
                     hidden = model.hidden_states(tokens, attention=attention)  # [B, T, dim]
-                    summed = linear_cross_entropy(hidden, model.output_weight(), targets)
+                    summed = self._linear_cross_entropy(hidden, model.output_weight(), targets)
                 else:
                     summed = self._cross_entropy(model(tokens, attention=attention), targets)
             loss = summed / count

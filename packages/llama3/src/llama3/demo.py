@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", default="Return the number of")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="compute dtype (auto: bf16 autocast where this CPU multiplies bf16 "
+                        help="compute dtype (auto: bf16 autocast where the device multiplies bf16 "
                         "natively, else float32)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -112,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[3/5] shards: {manifest.num_documents} documents, {manifest.num_tokens:,} tokens")
 
     dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if bf16_is_fast(torch.device("cpu")) else "float32"
+    if dtype == "auto":  # on the device the trainer will pick (its config's device = "auto")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "bfloat16" if bf16_is_fast(device) else "float32"
     steps_available = manifest.num_tokens // ((args.seq_len + 1) * args.batch_size)
     steps = max(2, min(args.steps, steps_available))  # one pass over the curated tokens
     # The sections as a run.toml would give them (TrainConfig validates each one).
