@@ -10,6 +10,7 @@ reduction order while a wrong pattern (a visible key hidden or the reverse) move
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -200,21 +201,45 @@ def test_segments_equal_running_each_response_after_its_prompt_alone() -> None:
     assert not torch.allclose(causal[:, 9:15], together[:, 9:15], **TOL)  # response 2 saw 1
 
 
+class _TaggedSegments(Segments):
+    """A caller's subclass (e.g. llama-align's reward-model rows): split like its base."""
+
+
+@flex_on_cpu
 def test_pipeline_micro_batches_split_the_backend_by_rows() -> None:
-    """torch.distributed.pipelining cuts a Documents / Segments backend into micro-batches whose
-    positions and masks are those of a backend built on the micro-batch's rows alone."""
+    """torch.distributed.pipelining cuts every training backend (and a subclass) into
+    micro-batches that attend and position like a backend built on the micro-batch's rows alone;
+    [1, ...] tensors broadcast over the rows go to every micro-batch whole. Checked on the
+    attention output, so FlexAttention's split block masks (batch offset into the full ids) too."""
     ids = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 2], [0, 1, 1, 1], [3, 3, 4, 4]])
-    for backend, rows_backend in (
+    square = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(7)) < 0.5
+    mask = square | torch.eye(4, dtype=torch.bool)
+    rows_positions = torch.arange(4).expand(4, 4) + torch.arange(4)[:, None]
+    cases: list[tuple[Any, Callable[[slice], Any]]] = [
         (Documents(ids, kernel="dense"), lambda r: Documents(ids[r], kernel="dense")),
+        (Documents(ids, kernel="flex"), lambda r: Documents(ids[r], kernel="flex")),
         (Segments(ids % 2, kernel="dense"), lambda r: Segments(ids[r] % 2, kernel="dense")),
-    ):
+        (Segments(ids % 2, kernel="flex"), lambda r: Segments(ids[r] % 2, kernel="flex")),
+        (_TaggedSegments(ids % 2), lambda r: _TaggedSegments(ids[r] % 2)),
+        (ExplicitMask(mask), lambda r: ExplicitMask(mask[r])),
+        (ExplicitMask(mask[:1]), lambda r: ExplicitMask(mask[:1])),  # broadcast: not split
+        (Causal(rows_positions), lambda r: Causal(rows_positions[r])),
+        (Causal(torch.arange(4)[None]), lambda r: Causal(torch.arange(4)[None])),
+        (Causal(), lambda r: Causal()),
+    ]
+    q, k, v = qkv(4, 4, seed=8)
+    for backend, rows_backend in cases:
         _, kwargs = split_args_kwargs_into_chunks((), {"attention": backend}, 2)
-        assert len(kwargs) == 2
+        assert len(kwargs) == 2, type(backend)
         for chunk, rows in zip(kwargs, (slice(0, 2), slice(2, 4)), strict=True):
             part, alone = chunk["attention"], rows_backend(rows)
             assert type(part) is type(backend)
-            assert torch.equal(part.positions(2, 4, ids.device), alone.positions(2, 4, ids.device))
-            assert torch.equal(part.mask, alone.mask)  # type: ignore[arg-type]
+            name = type(backend).__name__
+            torch.testing.assert_close(
+                part.positions(2, 4, ids.device), alone.positions(2, 4, ids.device), msg=name
+            )
+            got = part(0, q[rows], k[rows], v[rows])
+            torch.testing.assert_close(got, alone(0, q[rows], k[rows], v[rows]), **TOL, msg=name)
 
 
 def test_backend_errors_name_the_values() -> None:
@@ -225,5 +250,11 @@ def test_backend_errors_name_the_values() -> None:
         Segments(torch.tensor([[0, -1]]))
     with pytest.raises(ValueError, match=r"segment_ids .* and document_ids .* same"):
         Segments(torch.tensor([[0, 1]]), document_ids=torch.tensor([[0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"segment_ids .* and document_ids .* same"):
+        Segments(
+            torch.tensor([[0, 0, 1, 2]]),
+            document_ids=torch.tensor([[0, 0, 0, 0, 1, 1]]),
+            positions=torch.arange(4),
+        )
     with pytest.raises(ValueError, match="positions must have the tokens' shape"):
         Documents(torch.zeros(1, 4, dtype=torch.long), positions=torch.arange(3))

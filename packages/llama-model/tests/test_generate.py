@@ -211,3 +211,21 @@ def test_generate_rejects_bad_input(model: Llama) -> None:
         generate(model, [1], max_new_tokens=2, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [1], max_new_tokens=2, temperature=-1.0)
+    small = KVCache.for_model(model, batch_size=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="needs 1 row of at least 12"):
+        generate(model, [1, 2, 3], max_new_tokens=10, cache=small)  # checked before any work
+    with pytest.raises(ValueError, match="holds 2 row"):
+        generate(model, [1], max_new_tokens=2, cache=KVCache.for_model(model, batch_size=2))
+
+
+def test_generate_leaves_the_cache_ready_to_continue(model: Llama) -> None:
+    """After generate, `cache.length` counts the positions written (prompt + all but the last new
+    token), so feeding the last token with `append` continues the sequence exactly."""
+    prompt = [3, 1, 4, 1, 5]
+    cache = KVCache.for_model(model, batch_size=1, max_seq_len=16)
+    new = generate(model, prompt, max_new_tokens=6, cache=cache)
+    assert cache.length == len(prompt) + len(new) - 1
+    with torch.no_grad():
+        continued = model(torch.tensor([new[-1:]]), attention=cache.append(1))[0, -1]
+        full = model(torch.tensor([prompt + new]))[0, -1]
+    torch.testing.assert_close(continued, full, **TOL)

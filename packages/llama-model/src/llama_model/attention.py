@@ -21,14 +21,15 @@ FlexAttention with a block mask, which skips the blocks no query of a block may 
 documents then cost what they attend to); ``kernel="auto"`` picks FlexAttention on CUDA and the
 dense mask elsewhere. Both kernels evaluate one pattern function (`llama_model.masks`).
 
-The backends whose tensors have a batch dimension are PyTorch pytrees, so that
-`torch.distributed.pipelining` cuts them into micro-batches along with the tokens.
+`Causal`, `Documents`, `Segments`, `ExplicitMask` and their subclasses are PyTorch pytrees of their
+per-row tensors, so that `torch.distributed.pipelining` cuts them into micro-batches along with the
+tokens (`CachedAttention` is for inference and is not).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +94,63 @@ def scaled_dot_product(
     )
 
 
-class Causal:
+class _RowTensors:
+    """A backend whose per-row tensors pipeline parallelism cuts into micro-batches.
+
+    Every subclass is a PyTorch pytree: its attributes named in `_row_tensors` that hold a batch
+    of rows ([B, ...] with B > 1, or a `BlockMask` of B rows) are the children that
+    `torch.distributed.pipelining` splits along dim 0 with the tokens; everything else (a [1, ...]
+    tensor broadcast over the rows, options) goes to every micro-batch as it is.
+    """
+
+    _row_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(cls, _flatten_rows, _unflatten_rows)
+
+
+def _has_rows(value: object) -> bool:
+    if isinstance(value, BlockMask):
+        return value.kv_num_blocks.shape[0] > 1
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1
+
+
+# The one leaf of a backend without per-row tensors: a non-tensor leaf, which pipelining hands
+# whole to every micro-batch (a pytree with no leaves at all would break its splitting).
+_WHOLE = "the same for every row"
+
+
+def _flatten_rows(backend: _RowTensors) -> tuple[list[Any], Any]:
+    # A backend rebuilt by `_unflatten_rows` keeps the names it was split by: pytree maps rebuild
+    # it around other leaves (pipelining's chunk specs), which must not change its structure.
+    names = backend.__dict__.get("_split_by")
+    if names is None:
+        candidates = type(backend)._row_tensors
+        names = tuple(n for n in candidates if _has_rows(getattr(backend, n, None)))
+    hidden = ("_split_by", "_whole", *names)
+    rest = {key: value for key, value in vars(backend).items() if key not in hidden}
+    if not names:
+        return [backend.__dict__.get("_whole", _WHOLE)], (type(backend), names, rest)
+    return [getattr(backend, name) for name in names], (type(backend), names, rest)
+
+
+def _unflatten_rows(children: Iterable[Any], context: Any) -> _RowTensors:
+    kind, names, rest = context
+    backend: _RowTensors = kind.__new__(kind)
+    backend.__dict__.update(rest)
+    if names:
+        backend.__dict__.update(zip(names, children, strict=True))
+    else:
+        (backend.__dict__["_whole"],) = children
+    backend.__dict__["_split_by"] = names
+    return backend
+
+
+class Causal(_RowTensors):
     """Plain causal attention over this call's tokens, at positions 0..T-1 or the given ones."""
+
+    _row_tensors = ("_positions",)
 
     def __init__(self, positions: torch.Tensor | None = None) -> None:
         self._positions = None if positions is None else _check_positions(positions)
@@ -111,9 +167,11 @@ class Causal:
         return scaled_dot_product(q, k, v, is_causal=q.shape[2] > 1)
 
 
-class _PatternAttention:
+class _PatternAttention(_RowTensors):
     """A pattern over this call's tokens, computed once at construction as a dense mask or a
     FlexAttention block mask (never inside the layers, which may be compiled)."""
+
+    _row_tensors = ("document_ids", "segment_ids", "positions_", "mask")
 
     positions_: torch.Tensor  # [B, T]
     mask: torch.Tensor | BlockMask  # [B, 1, T, T] or a BlockMask of B rows
@@ -191,15 +249,22 @@ class Segments(_PatternAttention):
             if document_ids is None
             else _check_ids(document_ids, "document_ids")
         )
+        if self.document_ids.shape != self.segment_ids.shape:
+            raise ValueError(
+                f"segment_ids {tuple(self.segment_ids.shape)} and document_ids "
+                f"{tuple(self.document_ids.shape)} must have the same [batch, seq_len] shape"
+            )
         if positions is None:
             positions = segment_positions(self.segment_ids, self.document_ids)
         pattern = segment_pattern(self.segment_ids, self.document_ids)
         self._build(pattern, self.segment_ids, positions, kernel)
 
 
-class ExplicitMask:
+class ExplicitMask(_RowTensors):
     """Any pattern given as a boolean mask [B or 1, 1, T, T] (True = attend) over this call's
     tokens, at positions 0..T-1 or the given ones. A query that sees no key gives NaN."""
+
+    _row_tensors = ("mask", "_positions")
 
     def __init__(self, mask: torch.Tensor, *, positions: torch.Tensor | None = None) -> None:
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
@@ -233,7 +298,15 @@ class CachedAttention:
     into the cache at `positions` [B or 1, T], and the queries attend over the cache's whole
     [S = cache.max_seq_len] buffer, masked to the keys at positions <= their own. Every shape is
     fixed by the cache, so a decode step (T = 1) compiles once whatever the positions; batch rows
-    may sit at different positions (continuous batching). Chunked prefill is T > 1."""
+    may sit at different positions (continuous batching). Chunked prefill is T > 1 (it attends over
+    all S slots too: T x S work).
+
+    Positions beyond the cache are refused on CPU; on a GPU they are not checked (that would wait
+    on the device), and the caller must keep them below `cache.max_seq_len`. A cache in another
+    dtype than the queries is converted per layer: build it in the compute dtype. A cache whose
+    storage cannot give each row's keys in position order cheaply (a paged cache with a paged
+    attention kernel) brings its own backend instead: anything with `positions` and `__call__`.
+    """
 
     def __init__(self, cache: KVCacheProtocol, positions: torch.Tensor) -> None:
         self.cache = cache
@@ -311,27 +384,3 @@ def _check_length(t: torch.Tensor, batch: int, seq_len: int, name: str) -> None:
         raise ValueError(
             f"{name} must have the tokens' shape [{batch} or 1, {seq_len}], got {tuple(t.shape)}"
         )
-
-
-# Pipeline parallelism cuts the per-row tensors of these backends into micro-batches.
-def _register_pytrees() -> None:
-    def flatten_pattern(backend: _PatternAttention) -> tuple[list[Any], Any]:
-        ids = [getattr(backend, name) for name in _IDS[type(backend)]]
-        return [*ids, backend.positions_, backend.mask], type(backend)
-
-    def unflatten_pattern(children: Iterable[Any], kind: Any) -> _PatternAttention:
-        backend: _PatternAttention = kind.__new__(kind)
-        *ids, backend.positions_, backend.mask = children
-        for name, value in zip(_IDS[kind], ids, strict=True):
-            setattr(backend, name, value)
-        return backend
-
-    for kind in _IDS:
-        pytree.register_pytree_node(kind, flatten_pattern, unflatten_pattern)
-
-
-_IDS: dict[type[_PatternAttention], tuple[str, ...]] = {
-    Documents: ("document_ids",),
-    Segments: ("segment_ids", "document_ids"),
-}
-_register_pytrees()

@@ -80,15 +80,27 @@ class KVCache:
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions handed out by `append`
+        # Written in place by compiled decode steps: static addresses, so that CUDA graphs
+        # (mode="reduce-overhead") capture them as they capture a module's buffers.
+        torch._dynamo.mark_static_address(self.keys)
+        torch._dynamo.mark_static_address(self.values)
+        self.length = 0  # positions handed out by `append` (explicit positions do not count)
 
     @classmethod
     def for_model(
-        cls, model: Llama, batch_size: int = 1, max_seq_len: int | None = None
+        cls,
+        model: Llama,
+        batch_size: int = 1,
+        max_seq_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """A cache matching `model`'s config, parameter dtype and device."""
+        """A cache matching `model`'s config and device, in `dtype` (default: the parameters'
+        dtype; pass the compute dtype, e.g. bfloat16 under autocast, to avoid a conversion of the
+        whole cache in every layer)."""
         weight = model.output_weight()
-        return cls(model.config, batch_size, max_seq_len, dtype=weight.dtype, device=weight.device)
+        dtype = weight.dtype if dtype is None else dtype
+        return cls(model.config, batch_size, max_seq_len, dtype=dtype, device=weight.device)
 
     @property
     def batch_size(self) -> int:

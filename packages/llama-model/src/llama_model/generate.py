@@ -98,6 +98,11 @@ def generate(
         )
     if cache is None:
         cache = KVCache.for_model(model, batch_size=1, max_seq_len=total)
+    if cache.batch_size != 1 or cache.max_seq_len < total - 1:
+        raise ValueError(
+            f"the given cache holds {cache.batch_size} row(s) of {cache.max_seq_len} positions; "
+            f"generate needs 1 row of at least {total - 1} (prompt + max_new_tokens - 1)"
+        )
     cache.reset()
     device = model.output_weight().device
     generator = None
@@ -112,6 +117,7 @@ def generate(
         token = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
         new_tokens.append(int(token[0]))
         if new_tokens[-1] in stops or len(new_tokens) == max_new_tokens:
+            cache.length = int(position)  # the positions written: the cache can be extended
             return new_tokens
         logits = decode_one_token(model, token, position, cache)
         position += 1
