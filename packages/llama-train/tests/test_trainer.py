@@ -119,6 +119,29 @@ def test_configuration_mistakes_are_named(shards: Path, tmp_path: Path) -> None:
         ValueError, match=r"world size 1 is not divisible by pp·dp_replicate·cp·tp = 2"
     ):
         Trainer(TrainConfig.load(None, [*base, "parallel.tp=2"]))
+    with pytest.raises(ValueError, match="attention_kernel = 'flex' cannot train on CPU"):
+        Trainer(TrainConfig.load(None, [*base, 'model.attention_kernel="flex"']))
+    assert not torch.distributed.is_initialized()  # each failed start released its group
+
+
+def test_resuming_as_another_model_is_refused(shards: Path, tmp_path: Path) -> None:
+    """A checkpoint records the model config; resuming it under another one (here a different
+    RoPE base, which loads into the same shapes) is an error naming the field."""
+    base = [*_common.trainer_overrides(str(shards), str(tmp_path), steps=2), "export=false"]
+    trainer = Trainer(TrainConfig.load(None, base))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    other = _common.TINY_MODEL_OVERRIDES.replace("}", ", rope_theta=10000.0}")
+    trainer = Trainer(TrainConfig.load(None, [*base, other, "steps=3"]))
+    try:
+        with pytest.raises(
+            ValueError, match=r"trained as another model \(its config differs in rope_theta\)"
+        ):
+            trainer.resume()
+    finally:
+        trainer.close()
 
 
 def test_annealing_mix_continues_the_batch_ramp(shards: Path, tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ class ModelConfig(_Section):
     """Which kernel computes attention over packed documents: ``"flex"`` is FlexAttention with a
     block mask (block-sparse: blocks across documents are skipped; the fast path on CUDA),
     ``"dense"`` a dense boolean mask with `scaled_dot_product_attention`, ``"auto"`` flex on CUDA
-    and dense elsewhere. Default ``"auto"``: FlexAttention's fused kernel is compiled for GPUs;
-    on CPU it runs as an unfused eager reference."""
+    and dense elsewhere. Default ``"auto"``: FlexAttention's fused kernel is compiled for GPUs and
+    has no backward on CPU, so "flex" trains on CUDA only; context parallelism always attends
+    with a dense mask over the gathered keys (the trainer refuses "flex" there)."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -248,7 +248,6 @@ def _chunked(
             w = allocate("weight", tuple(weight.shape), compute, device).copy_(weight)
         valid = targets != IGNORE_INDEX  # [N]
         safe_targets = targets.long().masked_fill(~valid, 0)  # [N], ignored rows -> class 0
-        ignored_rows = (~valid).nonzero().flatten()  # [n_ignored]
         width = min(chunk_size, rows)
         # Buffers reused by every chunk (on CPU a fresh [chunk, vocab] tensor costs page faults):
         # logits in the compute dtype, probabilities in float32 (the same buffer when they agree),
@@ -278,8 +277,12 @@ def _chunked(
                 continue
             # d loss_i / d logit_ij = softmax_ij - [j == t_i] for valid rows, 0 for ignored ones.
             probs.scatter_add_(1, t_c, -valid_c.to(acc)[:, None])
-            in_chunk = ignored_rows[(ignored_rows >= start) & (ignored_rows < stop)] - start
-            probs.index_fill_(0, in_chunk, 0.0)
+            # Ignored rows get no gradient: on CPU fill just those rows (a full masked pass costs
+            # 10 ms per chunk of the debug model); elsewhere nonzero() would wait on the device.
+            if device.type == "cpu":
+                probs.index_fill_(0, (~valid_c).nonzero().flatten(), 0.0)
+            else:
+                probs.masked_fill_(~valid_c[:, None], 0.0)
             grad = probs if compute == acc else logits.copy_(probs)  # [n, vocab], compute dtype
             if grad_h is not None:
                 torch.mm(grad, w, out=grad_h[start:stop])  # [n, dim]
@@ -366,6 +369,8 @@ def _check_arguments(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size!r}")
+    if targets.device.type != "cpu":  # reading values would make a GPU step wait on the host
+        return
     out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(out_of_range.any()):
         bad = int(targets[out_of_range].flatten()[0])

@@ -1,12 +1,14 @@
 """`Trainer`: Llama 3 pretraining on one `DeviceMesh`, from one CPU process to a GPU cluster.
 
 One code path for every layout. The model is built on the meta device and parallelised in the
-order torchtitan uses: pipeline split → tensor (+ sequence) parallel → context parallel →
-activation checkpointing → `torch.compile` per block → FSDP2 over the ``dp_shard × cp`` ranks
-(HSDP when ``dp_replicate > 1``); then each rank materialises only its stages and shards, with
-the values a single-process run starts from (`llama_model.init_parameters`). Each step:
+order torchtitan uses: pipeline split → tensor (+ sequence) parallel → activation checkpointing →
+`torch.compile` per block → FSDP2 over the ``dp_shard × cp`` ranks (HSDP when
+``dp_replicate > 1``); then each rank materialises only its stages and shards, with the values a
+single-process run starts from (`llama_model.init_parameters`). Each step:
 
-1. every data-parallel rank takes its rows of the global batch (`BatchLoader`);
+1. every data-parallel rank takes its rows of the global batch (`BatchLoader`); the attention
+   backend is the packed documents' (`llama_model.Documents`), or under context parallelism this
+   rank's chunks with the keys and values of the others (`ContextParallelAttention`);
 2. the loss is the batch's mean next-token cross-entropy over all non-ignored targets of the
    *global* batch: each rank divides its summed cross-entropy by the global target count, and
    gradients are *summed* over the data- and context-parallel ranks (FSDP's divide factor is 1),
@@ -82,11 +84,27 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.device, self._owns_group = init_distributed(config.device)
+        try:
+            self._setup(config)
+        except BaseException:
+            self.close()  # a configuration error must not leave the process group behind
+            raise
+
+    def _setup(self, config: TrainConfig) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dims = config.parallel.dims().resolve(self.world_size)
         self.mesh = build_mesh(self.dims, self.world_size, self.device.type)
         self.model_config: LlamaConfig = config.model.llama_config()
         self.out_dir = Path(config.out_dir)
+        if config.model.attention_kernel == "flex" and (
+            self.device.type != "cuda" or self.dims.cp > 1
+        ):
+            where = "on CPU" if self.device.type != "cuda" else "under context parallelism"
+            raise ValueError(
+                f"model.attention_kernel = 'flex' cannot train {where}: FlexAttention has no "
+                "backward on CPU, and context parallelism attends with a dense mask over the "
+                "gathered keys; use 'auto' (flex where it works) or 'dense'"
+            )
 
         sources = self._sources(config.data.sources, "data.sources")  # fail before building
         anneal_sources = (
@@ -201,6 +219,7 @@ class Trainer:
             "data": self.loader.state_dict(),
             "anneal_data": None if self.anneal_loader is None else self.anneal_loader.state_dict(),
             "spikes": self.spikes.state_dict(),
+            "model": self.model_config.model_dump(mode="json"),
         }
 
     def resume(self) -> int:
@@ -209,6 +228,17 @@ class Trainer:
         if latest is None:
             return 0
         state = self.checkpointer.load(latest, self._state())
+        saved = state.get("model")  # recorded since the attention seam; older checkpoints lack it
+        current = self.model_config.model_dump(mode="json")
+        if saved is not None and saved != current:
+            changed = sorted(
+                k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)
+            )
+            raise ValueError(
+                f"the checkpoint {latest} was trained as another model (its config differs in "
+                f"{', '.join(changed)}); resume with the same model (preset and overrides), or "
+                "start a new run in another out_dir"
+            )
         self.step = int(state["step"])
         self.loader.load_state_dict(state["data"])
         if self.anneal_loader is not None and state.get("anneal_data") is not None:
