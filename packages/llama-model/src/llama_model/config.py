@@ -300,8 +300,12 @@ PRESETS: Mapping[str, LlamaConfig] = MappingProxyType(
             tie_word_embeddings=True,
         ),
         # Small enough to train on a laptop CPU in minutes, with the full 128,256-token vocabulary.
-        # No RoPE scaling: Llama 3.1's starts above 8K positions, beyond this 2K context (and
-        # transformers warns when loading a model whose context ends before the scaling starts).
+        # No RoPE scaling (a change of December 2026: earlier `debug` runs had Llama 3.1's, and
+        # their checkpoints predate the recorded model config that refuses a resume as another
+        # model: do not resume them with this preset). The scaling slows the RoPE
+        # frequencies whose wavelength exceeds the original 8K context, rotations a 2K-context toy
+        # barely uses, and transformers warns when loading a model whose context is shorter than
+        # the scaling's original one, so the demo's export would not load cleanly.
         "debug": _preset(
             dim=256,
             n_layers=4,
