@@ -6,13 +6,16 @@ self-attention and the first and the last Transformer layers in BF16, quantizes 
 outlier cannot flush the rest of its row to zero. Here that is the three SwiGLU projections `w1`, `w2`,
 `w3` of every Transformer block but the first and the last, each replaced by
 `llama_kernels.Fp8RowwiseLinear` (e4m3 weight with one scale per output row; activations quantized
-per token with the 1200 cap, `llama_kernels`' default). Everything else stays in the model's dtype
-(bf16): attention, norms, embeddings and the output projection.
+per token with the 1200 cap, `llama_kernels.fp8.SCALE_UB`, unless `scale_ub` says otherwise).
+Everything else stays in the model's dtype (bf16): attention, norms, embeddings and the output
+projection.
 
 The recipe is model knowledge, so it lives with the model's callers and reads the model's structure:
 `Llama.layers` is keyed by the layer's index ("0", "1", ...), and "first" and "last" are indices 0
 and `config.n_layers - 1` of the whole model, so a pipeline stage holding some layers gets the same
-treatment as the full model would give them.
+treatment as the full model would give them: quantizing every stage of a split gives the model that
+quantizing the whole would, and a stage holding only the first or the last layer (or nothing the
+recipe quantizes) is returned as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from llama_kernels import Fp8RowwiseLinear
+from llama_kernels.fp8 import SCALE_UB
 from llama_model import Llama
 
 __all__ = ["quantize_fp8"]
@@ -29,39 +33,44 @@ __all__ = ["quantize_fp8"]
 FFN_PROJECTIONS = ("w1", "w2", "w3")
 
 
-def quantize_fp8(model: Llama, *, skip_first_last: bool = True) -> Llama:
+def quantize_fp8(
+    model: Llama, *, skip_first_last: bool = True, scale_ub: float = SCALE_UB
+) -> Llama:
     """Apply §6.2's FP8 recipe to `model` in place and return it.
 
     Replaces `layers[i].feed_forward.{w1,w2,w3}` (each an `nn.Linear`) with
-    `Fp8RowwiseLinear.from_linear` in every Transformer block the model holds, except, with
-    `skip_first_last` (the paper's choice, the default), the first (index 0) and the last (index
-    `config.n_layers - 1`) of the model. Attention, norms, embeddings and the output projection are
-    left as they are. Cast the model to its serving dtype (bf16) first: `.to(dtype)` afterwards would
-    cast the float8 weights too. Every block is checked before any is changed, so a refused model
-    is left as it was.
+    `Fp8RowwiseLinear.from_linear(linear, scale_ub=scale_ub)` in every Transformer block the model
+    holds, except, with `skip_first_last` (the paper's choice, the default), the first (index 0) and
+    the last (index `config.n_layers - 1`) of the model. `scale_ub` is §6.2's upper bound on the
+    dynamic activation scales (`llama_kernels`' 1200 by default; `math.inf` for none). Attention,
+    norms, embeddings and the output projection are left as they are. Cast the model to its serving
+    dtype (bf16) first: `.to(dtype)` afterwards would cast the float8 weights too. Every block is
+    checked before any is changed, so a refused model is left as it was.
 
-    Raises TypeError if `model` is not a `llama_model.Llama` or a projection is not an `nn.Linear`
-    (e.g. the model is already quantized), and ValueError if no block would be quantized (a model
-    of one or two layers with `skip_first_last`).
+    `model` may be a pipeline stage (a `Llama` holding some of the layers): a stage holding none the
+    recipe quantizes (only the first or the last layer, say) is returned unchanged, so every stage
+    of a split can be passed.
+
+    Raises TypeError if `model` is not a `llama_model.Llama`, a projection is not an `nn.Linear`
+    (e.g. the model is already quantized) or `scale_ub` is not a number, and ValueError if
+    `scale_ub` is not > 0 or the whole model (`config.n_layers`) has too few layers for any block
+    to be quantized (one or two with `skip_first_last`).
     """
     if not isinstance(model, Llama):
         raise TypeError(
             f"quantize_fp8 expects a llama_model.Llama, got {type(model).__name__}; build or load "
             "the model with llama_model (Llama(config), load_checkpoint(path)) and quantize that"
         )
+    scale_ub = _check_scale_ub(scale_ub)
     n_layers = model.config.n_layers
-    held = sorted(model.layers.keys(), key=int)  # "0", "1", ...: the layers' indices in the model
     bf16_layers = {0, n_layers - 1} if skip_first_last else set()
-    chosen = [key for key in held if int(key) not in bf16_layers]
-    if not chosen:
-        what = f"{n_layers} layer(s)" if len(held) == n_layers else f"layers {held} of {n_layers}"
-        hint = (
-            " (§6.2 keeps the first and the last layer in bf16; pass skip_first_last=False to "
-            "quantize them too)"
-            if skip_first_last
-            else ""
+    if len(bf16_layers) >= n_layers:  # the whole model, not this stage, decides
+        raise ValueError(
+            f"the model has {n_layers} layer(s): nothing would be quantized (§6.2 keeps the "
+            "first and the last layer in bf16; pass skip_first_last=False to quantize them too)"
         )
-        raise ValueError(f"the model has {what}: nothing would be quantized{hint}")
+    held = sorted(model.layers.keys(), key=int)  # "0", "1", ...: the layers' indices in the model
+    chosen = [key for key in held if int(key) not in bf16_layers]  # may be empty on a stage
 
     targets: list[tuple[nn.Module, str, nn.Linear]] = []
     for key in chosen:
@@ -83,5 +92,20 @@ def quantize_fp8(model: Llama, *, skip_first_last: bool = True) -> Llama:
                 raise TypeError(f"{where} must be an nn.Linear, got {got}")
             targets.append((feed_forward, name, linear))
     for feed_forward, name, linear in targets:
-        setattr(feed_forward, name, Fp8RowwiseLinear.from_linear(linear))
+        setattr(feed_forward, name, Fp8RowwiseLinear.from_linear(linear, scale_ub=scale_ub))
     return model
+
+
+def _check_scale_ub(scale_ub: float) -> float:
+    """`scale_ub` as a float, refused as `llama_kernels.Fp8RowwiseLinear` refuses it (a bool or a
+    non-number: TypeError; not > 0, NaN included: ValueError), but before any block is changed."""
+    if isinstance(scale_ub, bool) or not isinstance(scale_ub, int | float):
+        raise TypeError(
+            f"scale_ub must be a positive number (§6.2 uses {SCALE_UB}), got {scale_ub!r}"
+        )
+    if not scale_ub > 0:  # also refuses NaN
+        raise ValueError(
+            f"scale_ub must be > 0 (the cap on an activation row's maximum; §6.2 uses "
+            f"{SCALE_UB}; math.inf for no cap), got {scale_ub!r}"
+        )
+    return float(scale_ub)
