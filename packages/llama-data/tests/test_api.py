@@ -11,7 +11,7 @@ import llama_data
 EXPECTED = [
     "ANNEALING_MIX", "DirtyWordFilter", "Document", "ExactDedup", "FastTextClassifier", "Filter", "GopherQualityFilter",
     "GopherRepetitionFilter", "HtmlExtractor", "LLAMA3_PRETRAINING_MIX", "LanguageFilter",
-    "LanguageIdentifier", "LineDedup", "LshIndex", "Manifest", "Mapper", "MinHasher", "NearDedup",
+    "LanguageIdentifier", "LineDedup", "LshIndex", "Manifest", "Mapper", "MinHasher", "NearDedup", "NearDedupConfig",
     "PiiScrubber", "Pipeline", "PipelineReport", "QualityFilter", "Step", "StepStats", "TokenKLFilter",
     "TokenShards", "TokenizerInfo", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "read_documents",
     "read_jsonl", "read_parquet", "read_warc", "route_by_language", "write_jsonl",

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from llama_data import NearDedup, NearDedupConfig
 from llama_data.cli import STEP_TYPES, PipelineFileError, build_step, load_pipeline, main
-from llama_data.dedup import NearDedup, NearDedupConfig
 from llama_data.document import Document, StepStats
 from llama_data.readers import read_jsonl, write_jsonl
 

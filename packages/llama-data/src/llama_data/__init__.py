@@ -9,7 +9,7 @@ It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
 """
 
 from llama_data._atomic import atomic_write, publish_directory
-from llama_data.dedup import ExactDedup, LineDedup, NearDedup, UrlDedup
+from llama_data.dedup import ExactDedup, LineDedup, NearDedup, NearDedupConfig, UrlDedup
 from llama_data.document import Document, Filter, Mapper, Step, StepStats
 from llama_data.extract import HtmlExtractor, extract_text
 from llama_data.filters import DirtyWordFilter, TokenKLFilter, UrlBlocklist
@@ -61,6 +61,7 @@ __all__ = [
     "LshIndex",
     "MinHasher",
     "NearDedup",
+    "NearDedupConfig",
     "UrlDedup",
     # mixing
     "ANNEALING_MIX",
