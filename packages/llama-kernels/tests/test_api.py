@@ -10,6 +10,7 @@ EXPECTED = [
     "BackendChoice",
     "set_backend",
     "Fp8RowwiseLinear",
+    "SCALE_UB",
     "RopeLayout",
     "apply_rope",
     "fp8_rowwise_matmul",

@@ -11,6 +11,7 @@ import), and `TRITON_INTERPRET=1` runs the Triton kernels on the CPU (how CI tes
 
 from llama_kernels._backend import BackendChoice, set_backend
 from llama_kernels.fp8 import (
+    SCALE_UB,
     Fp8RowwiseLinear,
     fp8_rowwise_matmul,
     quantize_fp8_rowwise,
@@ -29,6 +30,7 @@ __all__ = [
     "apply_rope",
     "rope_frequencies",
     # FP8 inference (§6.2)
+    "SCALE_UB",
     "Fp8RowwiseLinear",
     "fp8_rowwise_matmul",
     "quantize_fp8_rowwise",

@@ -6,7 +6,7 @@ self-attention and the first and the last Transformer layers in BF16, quantizes 
 outlier cannot flush the rest of its row to zero. Here that is the three SwiGLU projections `w1`, `w2`,
 `w3` of every Transformer block but the first and the last, each replaced by
 `llama_kernels.Fp8RowwiseLinear` (e4m3 weight with one scale per output row; activations quantized
-per token with the 1200 cap, `llama_kernels.fp8.SCALE_UB`, unless `scale_ub` says otherwise).
+per token with the 1200 cap, `llama_kernels.SCALE_UB`, unless `scale_ub` says otherwise).
 Everything else stays in the model's dtype (bf16): attention, norms, embeddings and the output
 projection.
 
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from llama_kernels import Fp8RowwiseLinear
-from llama_kernels.fp8 import SCALE_UB
+from llama_kernels import SCALE_UB, Fp8RowwiseLinear
 from llama_model import Llama
 
 __all__ = ["quantize_fp8"]
