@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,28 +142,6 @@ def test_steps_lists_every_option_with_its_default(capsys: pytest.CaptureFixture
 # ---------------------------------------------------------------- near_dedup: file == API
 
 
-def _planted_documents(seed: int = 0) -> list[Document]:
-    """120 random 200-word documents; every other one gets two variants with 1 to 14 edits."""
-    rng = random.Random(seed)
-    vocab = [
-        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)
-    ]
-    docs = []
-    for base in range(120):
-        words = rng.choices(vocab, k=200)
-        docs.append(Document(id=f"b{base:03d}", text=" ".join(words)))
-        for variant in range(2 if base % 2 == 0 else 0):
-            edited = list(words)
-            for _ in range(rng.randint(1, 14)):
-                position = rng.randrange(len(edited))
-                if rng.random() < 0.7:
-                    edited[position] = rng.choice(vocab)
-                else:
-                    del edited[position]
-            docs.append(Document(id=f"b{base:03d}v{variant}", text=" ".join(edited)))
-    return docs
-
-
 def _run_file(tmp_path: Path, docs: list[Document], table: str) -> list[str]:
     """Ids `llama-data run` keeps with one global near_dedup step given as `table`."""
     write_jsonl(docs, tmp_path / "in.jsonl.gz")
@@ -177,11 +155,13 @@ def _run_file(tmp_path: Path, docs: list[Document], table: str) -> list[str]:
 
 
 def test_near_dedup_from_a_file_equals_the_api(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    planted_corpus: Callable[..., list[Document]],
 ) -> None:
     """A bare `near_dedup` table keeps exactly the documents `NearDedup()` keeps; the step the
     file builds has the API's config; datasketch's equal band weights (the old CLI) differ."""
-    docs = _planted_documents()
+    docs = planted_corpus(n_base=120, vocab_size=3000)
     from_api = [doc.id for doc in NearDedup().run(docs, StepStats())]
     from_file = _run_file(tmp_path, docs, "")
     stats = json.loads(capsys.readouterr().out)["near_dedup"]
@@ -199,7 +179,9 @@ def test_near_dedup_from_a_file_equals_the_api(
 
 
 def test_every_near_dedup_setting_is_read_from_the_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    planted_corpus: Callable[..., list[Document]],
 ) -> None:
     """A table setting every NearDedupConfig field builds that config and the API's result."""
     settings: dict[str, Any] = {
@@ -213,7 +195,7 @@ def test_every_near_dedup_setting_is_read_from_the_file(
     table = "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
     step = build_step(tomllib.loads(f'type = "near_dedup"\n{table}'), tmp_path, "x")
     assert isinstance(step, NearDedup) and step.config == config
-    docs = _planted_documents(seed=1)
+    docs = planted_corpus(n_base=120, vocab_size=3000, seed=1)
     from_api = [doc.id for doc in NearDedup(config).run(docs, StepStats())]
     assert _run_file(tmp_path, docs, table) == from_api
     capsys.readouterr()

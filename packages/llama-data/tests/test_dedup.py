@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,30 +27,6 @@ from llama_data.minhash import MinHasher
 # ---------------------------------------------------------------- planted near-duplicate clusters
 
 THRESHOLD = 0.8
-
-
-def _planted_corpus(seed: int = 0) -> list[Document]:
-    """300 random 200-word documents; half get two variants with 1 to 14 word edits each."""
-    rng = random.Random(seed)
-    vocab = [
-        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)
-    ]
-    docs: list[Document] = []
-    for base in range(300):
-        words = rng.choices(vocab, k=200)
-        docs.append(Document(id=f"b{base:03d}", text=" ".join(words)))
-        if base % 2:
-            continue
-        for variant in range(2):
-            edited = list(words)
-            for _ in range(rng.randint(1, 14)):
-                position = rng.randrange(len(edited))
-                if rng.random() < 0.7:
-                    edited[position] = rng.choice(vocab)
-                else:
-                    del edited[position]
-            docs.append(Document(id=f"b{base:03d}v{variant}", text=" ".join(edited)))
-    return docs
 
 
 def _exact_similar_pairs(
@@ -103,8 +79,11 @@ def _co_clustered(labels: list[int]) -> set[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def planted() -> tuple[list[Document], set[tuple[int, int]], list[float]]:
-    docs = _planted_corpus()
+def planted(
+    planted_corpus: Callable[..., list[Document]],
+) -> tuple[list[Document], set[tuple[int, int]], list[float]]:
+    """300 base documents (150 with two variants each), their similar pairs and Jaccards."""
+    docs = planted_corpus(n_base=300, vocab_size=5000)
     similar, jaccards = _exact_similar_pairs(docs, MinHasher())
     return docs, similar, jaccards
 
