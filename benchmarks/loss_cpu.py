@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from bench_common import cpu_name, matmul_gflops
+from llama_kernels import cpu_bf16_instructions
 from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
-from llama_train.precision import cpu_bf16_instructions
 
 ROWS, DIM, VOCAB = 4 * 256, 256, 128_256  # the debug model at train_cpu.py's batch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -3,7 +3,7 @@
 Both models hold the same weights and run with the same number of threads, in each dtype of
 --dtypes: float32, and bfloat16 (both models' weights cast with `.to(torch.bfloat16)`, the usual
 inference dtype; the KV caches follow the weights) by default when the CPU multiplies bf16
-natively (`llama_train.precision.bf16_is_fast`). Measured at batch size 1:
+natively (`llama_kernels.bf16_is_fast`). Measured at batch size 1:
 - prefill: one forward over a prompt of --prompt-len tokens, logits for the last position only
   (ours: `generate.prefill`; transformers: `logits_to_keep=1`), reported as prompt tokens/s;
 - decode: --decode-steps single-token forwards against a KV cache (ours: the preallocated `KVCache`;
@@ -34,10 +34,10 @@ import torch
 import transformers
 
 from bench_common import cpu_name, matmul_gflops, timed_in_turn
+from llama_kernels import bf16_is_fast, cpu_bf16_instructions
 from llama_model import KVCache, Llama, LlamaConfig, count_parameters, generate
 from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_model.generate import decode_one_token, prefill
-from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Agreement of the two models' logits before timing (see the module docstring).

@@ -81,6 +81,7 @@ import transformers
 
 from bench_common import cpu_name, matmul_gflops
 from llama_data import Document, write_token_shards
+from llama_kernels import bf16_is_fast, cpu_bf16_instructions
 from llama_model import (
     AttentionBackend,
     Causal,
@@ -94,7 +95,6 @@ from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.loss import LinearCrossEntropy, summed_cross_entropy
-from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core FLOP/s, NVIDIA H100 SXM5 datasheet
 

@@ -13,6 +13,8 @@ EXPECTED = [
     "SCALE_UB",
     "RopeLayout",
     "apply_rope",
+    "bf16_is_fast",
+    "cpu_bf16_instructions",
     "fp8_rowwise_matmul",
     "quantize_fp8_rowwise",
     "rms_norm",

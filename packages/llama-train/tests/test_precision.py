@@ -1,111 +1,27 @@
-"""Tests for llama_train.precision: when bf16 autocast is chosen.
-
-The oracle for the real CPU is the kernel's own list of CPU flags (/proc/cpuinfo), read here
-independently of PyTorch's cpuinfo; the other branches are driven by replacing the probes. The
-last test records the dtype every op of a training step runs in under CPU bf16 autocast.
+"""Tests for bf16 autocast in training: the dtype every op of a step runs in under CPU bf16
+autocast. The probe that chooses bf16 (`bf16_is_fast`) lives in llama_kernels and is tested there;
+llama_train re-exports that same function.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import _common  # tests/distributed/_common.py, on sys.path via conftest
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import llama_kernels
+import llama_train
 from llama_model import Documents
 from llama_train.loss import linear_cross_entropy
-from llama_train.precision import bf16_is_fast, cpu_bf16_instructions
-
-CPU = torch.device("cpu")
 
 
-def _proc_cpuinfo_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
-def test_cpu_instructions_agree_with_proc_cpuinfo() -> None:
-    """The bf16 instruction sets reported are exactly those the kernel lists for this CPU."""
-    expected = tuple(f for f in ("amx_bf16", "avx512_bf16") if f in _proc_cpuinfo_flags())
-    assert cpu_bf16_instructions() == expected
-    onednn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-    assert bf16_is_fast(CPU) == (bool(expected) and onednn)
-
-
-@pytest.mark.parametrize(
-    ("capabilities", "fast"),
-    [
-        ({"amx_bf16": True, "avx512_bf16": False}, True),
-        ({"amx_bf16": False, "avx512_bf16": True}, True),
-        ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True, "amx_tile": True}, False),
-        ({}, False),
-    ],
-)
-def test_cpu_is_fast_only_with_a_native_bf16_matmul(
-    monkeypatch: pytest.MonkeyPatch, capabilities: dict[str, bool], fast: bool
-) -> None:
-    """AMX-BF16 or AVX512-BF16 -> True; AVX-512 or AMX tiles without bf16 -> False."""
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
-    assert bf16_is_fast(CPU) is fast
-
-
-def test_cpu_without_onednn_is_not_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 instructions but a torch built without oneDNN: False (the matmuls would not use them)."""
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert bf16_is_fast(CPU) is False
-
-
-def test_a_torch_that_cannot_tell_means_not_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No `torch.cpu.get_capabilities`, or one that raises: no instructions, not fast."""
-    monkeypatch.delattr(torch.cpu, "get_capabilities")
-    assert cpu_bf16_instructions() == ()
-    assert bf16_is_fast(CPU) is False
-
-    def broken() -> dict[str, bool]:
-        raise RuntimeError("cpuinfo failed to initialize")
-
-    monkeypatch.setattr(torch.cpu, "get_capabilities", broken, raising=False)
-    assert cpu_bf16_instructions() == ()
-
-
-def test_cuda_asks_for_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA: False without a GPU; else what torch says about native (not emulated) bf16."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bf16_is_fast(torch.device("cuda", 0)) is False
-    asked: list[bool] = []
-
-    def supported(including_emulation: bool = True) -> bool:
-        asked.append(including_emulation)
-        return False  # a pre-Ampere GPU
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device", lambda _device: _NullContext())
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
-    assert bf16_is_fast(torch.device("cuda", 0)) is False
-    assert asked == [False]
-
-
-def test_other_devices_are_not_assumed_fast() -> None:
-    """A device type this module has not measured (meta, mps, ...) gives False."""
-    assert bf16_is_fast(torch.device("meta")) is False
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def test_bf16_is_fast_is_the_kernels_probe() -> None:
+    """llama_train.bf16_is_fast is llama_kernels' function itself, not a copy."""
+    assert llama_train.bf16_is_fast is llama_kernels.bf16_is_fast
 
 
 class _OpDtypes(TorchDispatchMode):  # type: ignore[no-untyped-call]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama3.demo import main as demo_main
-from llama_train import bf16_is_fast
+from llama_kernels import bf16_is_fast
 
 
 def test_llama_demo_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:

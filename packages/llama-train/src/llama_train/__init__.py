@@ -8,10 +8,12 @@ handling and metrics; `llama-train` is its command line. Also: the schedules of 
 streaming checkpoint average, and the scaling-law fits of §3.2.1.
 """
 
+# Re-exported, the same function: whether bf16 pays is hardware knowledge, so it lives in
+# llama_kernels; callers choose TrainConfig.dtype with it.
+from llama_kernels import bf16_is_fast
 from llama_train.averaging import CheckpointAverage
 from llama_train.config import TrainConfig
 from llama_train.parallel import ParallelDims
-from llama_train.precision import bf16_is_fast
 from llama_train.scaling_laws import (
     PowerLaw,
     compute_optimal,

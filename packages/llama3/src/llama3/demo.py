@@ -39,8 +39,9 @@ from llama_data import (
     read_jsonl,
     write_token_shards,
 )
+from llama_kernels import bf16_is_fast
 from llama_model import Tokenizer, generate, load_checkpoint
-from llama_train import TrainConfig, Trainer, bf16_is_fast
+from llama_train import TrainConfig, Trainer
 
 __all__ = ["docstring_corpus", "main"]
 

@@ -1,9 +1,10 @@
-"""Whether bf16 compute pays on a device: the choice between float32 and bf16 autocast.
+"""Whether bf16 compute pays on a device: float32 or bf16, for training and for inference.
 
 Llama 3 trains in bf16 with float32 master weights (arXiv 2407.21783, Table 4 lists bf16 for
-every run); `TrainConfig.dtype = "bfloat16"` does the same through `torch.autocast` (float32
-parameters, gradients and AdamW state; matmuls in bf16). That is faster only where the hardware
-multiplies bf16 natively:
+every run); llama-train's `TrainConfig.dtype = "bfloat16"` does the same through `torch.autocast`
+(float32 parameters, gradients and AdamW state; matmuls in bf16), and an inference engine that
+serves in bf16 makes the same bet. Either is faster only where the hardware multiplies bf16
+natively:
 
 - CUDA: tensor cores with bf16, compute capability 8.0 (Ampere) and later
   (`torch.cuda.is_bf16_supported(including_emulation=False)`);
@@ -11,6 +12,10 @@ multiplies bf16 natively:
   Cooper Lake, AMD Zen 4 and later), the two instruction sets oneDNN uses for bf16 matmuls. Without
   them bf16 matmuls are emulated and slower than float32. `torch.cpu.get_capabilities()` (cpuinfo)
   reports both.
+
+This is knowledge about the hardware, not about training, so it lives here, in the package every
+other one depends on: llama-train picks its autocast dtype with it, and inference needs the same
+answer (llama-serve does not depend on llama-train).
 
 Measured on this project's CPU machine, an AMD EPYC with AVX512-BF16 and no AMX (2 threads, a
 2048^3 matmul, `benchmarks/bench_common.matmul_gflops`): bf16 413 GFLOP/s against float32's 172
@@ -42,7 +47,8 @@ def cpu_bf16_instructions() -> tuple[str, ...]:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """True when bf16 autocast should beat float32 on `device`.
+    """True when bf16 compute (autocast in training, bf16 weights in inference) should beat
+    float32 on `device`.
 
     CUDA: the device has native bf16 (compute capability >= 8.0). CPU: the CPU has AMX-BF16 or
     AVX512-BF16 and PyTorch was built with oneDNN (mkldnn), which runs bf16 matmuls on them.
