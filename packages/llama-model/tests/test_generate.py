@@ -229,3 +229,13 @@ def test_generate_leaves_the_cache_ready_to_continue(model: Llama) -> None:
         continued = model(torch.tensor([new[-1:]]), attention=cache.append(1))[0, -1]
         full = model(torch.tensor([prompt + new]))[0, -1]
     torch.testing.assert_close(continued, full, **TOL)
+
+
+def test_training_after_generation_in_inference_mode(model: Llama) -> None:
+    """What the model caches on its first forward (the RoPE frequencies) stays usable by autograd
+    when that first forward ran under `torch.inference_mode` (as generation does)."""
+    fresh = Llama(model.config)
+    fresh.init_weights(seed=0)
+    generate(fresh, [1, 2, 3], max_new_tokens=2)  # under inference_mode
+    fresh(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert fresh.output_weight().grad is not None

@@ -130,21 +130,26 @@ class Llama(nn.Module):
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """The float32 RoPE inverse frequencies [head_dim / 2] on `device` (computed once)."""
         if device not in self._inv_freq:
-            c, s = self.config, self.config.rope_scaling
-            if s is None:
-                inv_freq = rope_frequencies(c.head_dim, c.rope_theta, device=device)
+            if torch.is_inference_mode_enabled():  # a cached inference tensor would break a
+                with torch.inference_mode(False):  # later forward that needs gradients
+                    self._inv_freq[device] = self._rope_frequencies(device)
             else:
-                inv_freq = rope_frequencies(
-                    c.head_dim,
-                    c.rope_theta,
-                    scaling_factor=s.factor,
-                    low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor,
-                    original_max_seq_len=s.original_max_seq_len,
-                    device=device,
-                )
-            self._inv_freq[device] = inv_freq
+                self._inv_freq[device] = self._rope_frequencies(device)
         return self._inv_freq[device]
+
+    def _rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        c, s = self.config, self.config.rope_scaling
+        if s is None:
+            return rope_frequencies(c.head_dim, c.rope_theta, device=device)
+        return rope_frequencies(
+            c.head_dim,
+            c.rope_theta,
+            scaling_factor=s.factor,
+            low_freq_factor=s.low_freq_factor,
+            high_freq_factor=s.high_freq_factor,
+            original_max_seq_len=s.original_max_seq_len,
+            device=device,
+        )
 
     def init_weights(self, seed: int = 0, *, std: float = 0.02) -> None:
         """Initialise for training from scratch, reproducibly from `seed` (`init_parameters`):
