@@ -7,6 +7,12 @@ from importlib.resources import files
 import llama_serve
 
 EXPECTED = [
+    "Engine",
+    "EngineConfig",
+    "Prompt",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
     "quantize_fp8",
 ]
 

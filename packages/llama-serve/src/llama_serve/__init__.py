@@ -1,13 +1,24 @@
 """llama_serve: serving Llama 3 models (§6 of "The Llama 3 Herd of Models", arXiv 2407.21783).
 
-For now it holds the FP8 inference recipe of §6.2 (`quantize_fp8`): the model knowledge of which
-matmuls of a `llama_model.Llama` run in FP8, on top of `llama_kernels.Fp8RowwiseLinear`. The
-inference engine, the OpenAI-compatible server and the vLLM backend come next.
+An inference engine over `llama_model.Llama` (`Engine`, named after vLLM's API): a paged KV cache
+whose blocks the samples of one prompt share (§4.2.2), automatic prefix caching, continuous
+batching with chunked prefill and preemption by recomputation, and per-request seeded sampling.
+And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llama_model.Llama` run
+in FP8, on top of `llama_kernels.Fp8RowwiseLinear`.
 """
 
+from llama_serve.engine import Engine, EngineConfig, Prompt
 from llama_serve.fp8 import quantize_fp8
+from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 
 __all__ = [
+    # the engine
+    "Engine",
+    "EngineConfig",
+    "Prompt",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
     # FP8 inference (§6.2)
     "quantize_fp8",
 ]
