@@ -8,6 +8,7 @@ import llama_serve
 
 EXPECTED = [
     "Engine",
+    "AsyncEngine",
     "EngineConfig",
     "Prompt",
     "SamplingParams",

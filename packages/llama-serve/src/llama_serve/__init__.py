@@ -7,6 +7,7 @@ And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llam
 in FP8, on top of `llama_kernels.Fp8RowwiseLinear`.
 """
 
+from llama_serve.async_engine import AsyncEngine
 from llama_serve.engine import Engine, EngineConfig, Prompt
 from llama_serve.fp8 import quantize_fp8
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
@@ -15,6 +16,7 @@ __all__ = [
     # the engine
     "Engine",
     "EngineConfig",
+    "AsyncEngine",
     "Prompt",
     "SamplingParams",
     "RequestOutput",

@@ -249,17 +249,19 @@ class Engine:
         self.scheduler.add(samples)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now: its samples finish with reason "abort" and free their blocks."""
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now: its samples finish with reason "abort" and free their blocks.
+        False if no such request is running (unknown, or already finished)."""
         request = self._requests.get(request_id)
         if request is None:
-            return
+            return False
         self.scheduler.followers.pop(request_id, None)
         for sample in request.samples:
             if sample.status is not Status.FINISHED:
                 self.scheduler.finish(sample)
                 sample.finish_reason = "abort"
         del self._requests[request_id]
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
