@@ -38,6 +38,10 @@ EXPECTED = [
     # checkpoints and crash-safe files
     "load_checkpoint",
     "save_checkpoint",
+    "config_from_hf",
+    "config_to_hf",
+    "to_hf_name",
+    "from_hf_name",
     "atomic_write",
     "publish_directory",
 ]

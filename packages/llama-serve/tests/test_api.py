@@ -15,6 +15,9 @@ EXPECTED = [
     "RequestOutput",
     "CompletionOutput",
     "quantize_fp8",
+    "save_fp8_checkpoint",
+    "load_fp8_checkpoint",
+    "is_fp8_checkpoint",
 ]
 
 

@@ -495,3 +495,37 @@ def test_cli_without_a_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Serving it: `Engine.from_pretrained`
+
+
+def test_engine_serves_an_fp8_checkpoint_as_the_recipe_would(
+    tmp_path: Path, bf16_dir: Path
+) -> None:
+    """An FP8 checkpoint is served in FP8 from its stored weights (with or without
+    quantization="fp8"), and a bf16 checkpoint with quantization="fp8" is quantized on load: all
+    three give the greedy tokens of quantize_fp8 applied in memory; generation_config's stop ids
+    come along."""
+    from llama_serve import Engine, SamplingParams
+
+    dst = tmp_path / "dst"
+    assert main(["quantize", str(bf16_dir), str(dst)]) == 0
+    reference = Engine(quantize_fp8(load_checkpoint(bf16_dir, dtype=torch.bfloat16)))
+    prompts = [[1, 2, 3, 4], [50, 40, 30]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    engines = [
+        Engine.from_pretrained(dst, dtype="bfloat16", device="cpu"),
+        Engine.from_pretrained(dst, dtype="bfloat16", device="cpu", quantization="fp8"),
+        Engine.from_pretrained(bf16_dir, dtype="bfloat16", device="cpu", quantization="fp8"),
+    ]
+    for engine in engines:
+        fp8 = [m for m in engine.model.modules() if isinstance(m, Fp8RowwiseLinear)]
+        assert len(fp8) == 6  # the feed-forward matmuls of layers 1 and 2
+        assert engine.eos_token_ids == {5, 6}
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+        assert got == expected
+    with pytest.raises(ValueError, match="quantization must be None or 'fp8', got 'int4'"):
+        Engine.from_pretrained(dst, quantization="int4")  # type: ignore[arg-type]

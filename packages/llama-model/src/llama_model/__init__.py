@@ -19,7 +19,14 @@ from llama_model.attention import (
 )
 from llama_model.cache import KVCache, KVCacheProtocol
 from llama_model.chat import ChatFormat, EncodedDialog, Message, ToolCall
-from llama_model.checkpoint import load_checkpoint, save_checkpoint
+from llama_model.checkpoint import (
+    config_from_hf,
+    config_to_hf,
+    from_hf_name,
+    load_checkpoint,
+    save_checkpoint,
+    to_hf_name,
+)
 from llama_model.config import PRESETS, LlamaConfig, RopeScaling, count_parameters, flops_per_token
 from llama_model.config_errors import format_validation_error
 from llama_model.generate import decode_one_token, generate
@@ -62,6 +69,11 @@ __all__ = [
     # checkpoints
     "load_checkpoint",
     "save_checkpoint",
+    # the Hugging Face layout's names and config.json (for other checkpoint formats)
+    "config_from_hf",
+    "config_to_hf",
+    "to_hf_name",
+    "from_hf_name",
     # crash-safe files
     "atomic_write",
     "publish_directory",

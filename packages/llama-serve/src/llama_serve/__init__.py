@@ -4,12 +4,14 @@ An inference engine over `llama_model.Llama` (`Engine`, named after vLLM's API):
 whose blocks the samples of one prompt share (§4.2.2), automatic prefix caching, continuous
 batching with chunked prefill and preemption by recomputation, and per-request seeded sampling.
 And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llama_model.Llama` run
-in FP8, on top of `llama_kernels.Fp8RowwiseLinear`.
+in FP8, on top of `llama_kernels.Fp8RowwiseLinear`, and FP8 checkpoints in the `fbgemm_fp8` layout
+Meta released Llama 3.1 405B Instruct FP8 in (`save_fp8_checkpoint`, `llama-serve quantize`).
 """
 
 from llama_serve.async_engine import AsyncEngine
 from llama_serve.engine import Engine, EngineConfig, Prompt
 from llama_serve.fp8 import quantize_fp8
+from llama_serve.fp8_checkpoint import is_fp8_checkpoint, load_fp8_checkpoint, save_fp8_checkpoint
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 
 __all__ = [
@@ -23,4 +25,7 @@ __all__ = [
     "CompletionOutput",
     # FP8 inference (§6.2)
     "quantize_fp8",
+    "save_fp8_checkpoint",
+    "load_fp8_checkpoint",
+    "is_fp8_checkpoint",
 ]

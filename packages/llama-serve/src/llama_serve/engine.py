@@ -34,6 +34,8 @@ from llama_model import (
     format_validation_error,
     load_checkpoint,
 )
+from llama_serve.fp8 import quantize_fp8
+from llama_serve.fp8_checkpoint import is_fp8_checkpoint, load_fp8_checkpoint
 from llama_serve.paged_cache import NULL_BLOCK, BlockPool, PagedKVCache
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 from llama_serve.sampling import sample_rows, top_logprobs
@@ -181,7 +183,9 @@ class Engine:
 
         `dtype` "auto" is bfloat16 where bf16 matmuls are native (`llama_kernels.bf16_is_fast`:
         recent GPUs, CPUs with AMX or AVX512-BF16), else float32. `quantization="fp8"` applies
-        §6.2's recipe (`llama_serve.quantize_fp8`) after loading. `device` defaults to CUDA when
+        §6.2's recipe (`llama_serve.quantize_fp8`) after loading; a checkpoint written by
+        `llama-serve quantize` (config.json declares `fbgemm_fp8`, as Meta's Llama 3.1 405B FP8
+        does) is served in FP8 from its stored weights and scales whatever `quantization` says. `device` defaults to CUDA when
         available. `tokenizer` defaults to Llama 3's when the vocabulary is Llama 3's (128,256).
         Stop ids come from the checkpoint's `generation_config.json` (`eos_token_id`) when it has
         one. `options` are `EngineConfig` fields.
@@ -197,13 +201,14 @@ class Engine:
             torch_dtype = dtype
         else:
             torch_dtype = getattr(torch, dtype)
-        model = load_checkpoint(directory, device=target, dtype=torch_dtype)
-        if quantization == "fp8":
-            from llama_serve.fp8 import quantize_fp8
-
-            quantize_fp8(model)
-        elif quantization is not None:
+        if quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
+        if is_fp8_checkpoint(directory):  # already quantized: its FP8 weights are used as stored
+            model = load_fp8_checkpoint(directory, device=target, dtype=torch_dtype)
+        else:
+            model = load_checkpoint(directory, device=target, dtype=torch_dtype)
+            if quantization == "fp8":
+                quantize_fp8(model)
         if tokenizer is None and model.config.vocab_size == 128_256:
             tokenizer = Tokenizer.llama3()
         eos = _generation_config_eos(directory)

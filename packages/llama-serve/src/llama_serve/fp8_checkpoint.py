@@ -42,11 +42,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_kernels import SCALE_UB, Fp8RowwiseLinear
-from llama_model import Llama, publish_directory, save_checkpoint
-
-# The Hugging Face adapter of llama_model (tensor names and config.json), listed in
-# llama_model.checkpoint.__all__ but not re-exported by llama_model; one home for the mapping.
-from llama_model.checkpoint import config_from_hf, from_hf_name, to_hf_name
+from llama_model import (
+    Llama,
+    config_from_hf,
+    from_hf_name,
+    publish_directory,
+    save_checkpoint,
+    to_hf_name,
+)
 
 if TYPE_CHECKING:
     from llama_model import Tokenizer
