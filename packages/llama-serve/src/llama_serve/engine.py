@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llama_kernels import bf16_is_fast
 from llama_model import (
-    CachedAttention,
     ChatFormat,
     Llama,
     Message,
@@ -36,6 +35,7 @@ from llama_model import (
 )
 from llama_serve.fp8 import quantize_fp8
 from llama_serve.fp8_checkpoint import is_fp8_checkpoint, load_fp8_checkpoint
+from llama_serve.packed import PackedChunk, PackedPagedAttention
 from llama_serve.paged_cache import NULL_BLOCK, BlockPool, PagedKVCache
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 from llama_serve.sampling import sample_rows, top_logprobs
@@ -377,14 +377,13 @@ class Engine:
             self.cache.copy_block(source, target)
         decodes = [chunk for chunk in chunks if chunk.num_tokens == 1]
         prefills = [chunk for chunk in chunks if chunk.num_tokens > 1]
-        logits: dict[int, torch.Tensor] = {}  # id(chunk) -> next-token logits [vocab]
-        if decodes:
-            rows = self._run_decodes(decodes)
-            logits.update((id(chunk), row) for chunk, row in zip(decodes, rows, strict=True))
-        for chunk in prefills:
-            row = self._run_prefill(chunk)
-            if row is not None:
-                logits[id(chunk)] = row
+        if self.config.compile and not prefills:
+            rows = self._run_decodes(decodes)  # static shapes, compiled once per batch bucket
+            rows = rows[[i for i, chunk in enumerate(decodes) if chunk.samples]]
+        else:
+            decodes, rows = decodes + prefills, self._run_packed(decodes + prefills)
+        sampling = [chunk for chunk in decodes if chunk.samples]
+        logits = {id(chunk): row for chunk, row in zip(sampling, rows, strict=True)}
         to_sample: list[tuple[Sample, torch.Tensor]] = []
         for chunk in chunks:
             sequence = chunk.sequence
@@ -441,17 +440,18 @@ class Engine:
         logits = self._decode(self.model, tokens.to(self.device), positions.to(self.device), view)
         return logits[:count]
 
-    def _run_prefill(self, chunk: ScheduledChunk) -> torch.Tensor | None:
-        """A chunk of T > 1 tokens of one sequence; its last logits [vocab] if it samples."""
-        sequence = chunk.sequence
-        end = chunk.start + chunk.num_tokens
-        tokens = torch.tensor([sequence.tokens[chunk.start : end]], device=self.device)
-        positions = torch.arange(chunk.start, end, device=self.device)[None, :]
-        width = -(-end // self.config.block_size)
-        table = torch.tensor([sequence.blocks[:width]], device=self.device)
-        attention = CachedAttention(self.cache.view(table), positions)
-        hidden = self.model.hidden_states(tokens, attention=attention)
-        return self.model.logits(hidden[0, -1]) if chunk.samples else None
+    def _run_packed(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Every chunk (decodes first) in one forward over one packed row of tokens; the
+        next-token logits [S, vocab] of the S chunks that sample, in order."""
+        tokens = [t for c in chunks for t in c.sequence.tokens[c.start : c.start + c.num_tokens]]
+        packed = [PackedChunk(c.sequence.blocks, c.start, c.num_tokens) for c in chunks]
+        attention = PackedPagedAttention(self.cache, packed, self.device)
+        hidden = self.model.hidden_states(
+            torch.tensor([tokens], device=self.device), attention=attention
+        )
+        ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
+        last = [end - 1 for end, chunk in zip(ends, chunks, strict=True) if chunk.samples]
+        return self.model.logits(hidden[0, last])
 
     def _check_stop(self, sequence: Sample) -> None:
         """Finish `sequence` if its last token, its text or its length says so."""

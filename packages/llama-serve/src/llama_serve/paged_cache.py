@@ -8,8 +8,9 @@ Two halves:
   cache: a full block is keyed by a digest of its tokens and of every token before it, so a later
   request that starts with the same tokens reuses the block instead of computing it again. A block
   nobody holds stays in the prefix cache until the pool needs it (least recently freed first).
-- `PagedKVCache` holds the tensors, keys and values [n_layers, num_blocks, block_size, n_kv_heads,
-  head_dim], and `PagedKVCache.view(block_tables)` is a `llama_model.KVCacheProtocol` for one
+- `PagedKVCache` holds the tensors, keys and values [n_layers, n_kv_heads, num_blocks, block_size,
+  head_dim] (heads outermost, so that gathering a batch's blocks gives each head's keys as one
+  contiguous [B, positions, head_dim] matrix for the attention matmuls), and `PagedKVCache.view(block_tables)` is a `llama_model.KVCacheProtocol` for one
   forward: position p of row b lives in block ``block_tables[b, p // block_size]`` at offset
   ``p % block_size``, and `update` returns each row's blocks gathered in table order, so slot s
   holds position s and `llama_model.CachedAttention` masks the rest. Block 0 is never handed out:
@@ -129,13 +130,16 @@ class PagedKVCache:
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
-        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, config.n_kv_heads, num_blocks, block_size, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         # Written in place by a compiled decode step (CUDA graphs capture static addresses).
         torch._dynamo.mark_static_address(self.keys)
         torch._dynamo.mark_static_address(self.values)
         self.block_size = block_size
+        # Reused by `gather` (a fresh multi-MiB tensor per layer costs more in page faults on a
+        # CPU than the copy itself).
+        self._workspace: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def bytes_per_block(config: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -145,8 +149,40 @@ class PagedKVCache:
 
     def copy_block(self, source: int, target: int) -> None:
         """Copy-on-write: `target` gets `source`'s keys and values in every layer."""
-        self.keys[:, target] = self.keys[:, source]
-        self.values[:, target] = self.values[:, source]
+        self.keys[:, :, target] = self.keys[:, :, source]
+        self.values[:, :, target] = self.values[:, :, source]
+
+    def write(
+        self, layer_id: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Write keys/values [n_kv_heads, N, head_dim] at flat slots [N] (block * block_size +
+        offset) of layer `layer_id`."""
+        for cache, new in ((self.keys, keys), (self.values, values)):
+            layer = cache[layer_id]
+            layer.view(layer.shape[0], -1, layer.shape[-1])[:, slots] = new.to(layer.dtype)
+
+    def gather(
+        self, layer_id: int, block_tables: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer `layer_id` through `block_tables` [B, W], each [n_kv_heads,
+        B, W * block_size, head_dim] (contiguous), in a workspace that the next call reuses."""
+        out = []
+        for name, cache in (("keys", self.keys), ("values", self.values)):
+            layer = cache[layer_id]
+            heads, dim = layer.shape[0], layer.shape[-1]
+            shape = (heads, block_tables.numel(), self.block_size * dim)
+            numel = shape[0] * shape[1] * shape[2]
+            buffer = self._workspace.get(name)
+            if buffer is None or buffer.numel() < numel:
+                buffer = self._workspace[name] = torch.empty(
+                    numel, dtype=layer.dtype, device=layer.device
+                )
+            gathered = buffer[:numel].view(shape)
+            torch.index_select(
+                layer.flatten(2), 1, block_tables.flatten(), out=gathered
+            )  # [heads, B * W, block_size * D]
+            out.append(gathered.view(heads, block_tables.shape[0], -1, dim))
+        return out[0], out[1]
 
     def view(self, block_tables: torch.Tensor) -> PagedView:
         """The cache seen through `block_tables` [B, W] (block ids; `NULL_BLOCK` pads)."""
@@ -155,7 +191,7 @@ class PagedKVCache:
 
 class PagedView:
     """`PagedKVCache` through a block table: a `llama_model.KVCacheProtocol` of B rows of
-    W * block_size positions."""
+    W * block_size positions (what `llama_model.CachedAttention` runs a compiled decode step on)."""
 
     def __init__(self, cache: PagedKVCache, block_tables: torch.Tensor) -> None:
         self.cache = cache
@@ -177,14 +213,14 @@ class PagedView:
         blocks = self.block_tables.gather(1, positions // size)  # [B, T]
         offsets = positions % size  # [B, T]
         layer_keys, layer_values = self.cache.keys[layer_id], self.cache.values[layer_id]
-        layer_keys[blocks, offsets] = keys.transpose(1, 2).to(layer_keys.dtype)  # [B, T, H, D]
-        layer_values[blocks, offsets] = values.transpose(1, 2).to(layer_values.dtype)
+        layer_keys[:, blocks, offsets] = keys.transpose(0, 1).to(layer_keys.dtype)  # [H, B, T, D]
+        layer_values[:, blocks, offsets] = values.transpose(0, 1).to(layer_values.dtype)
         return _in_table_order(layer_keys, self.block_tables), _in_table_order(
             layer_values, self.block_tables
         )
 
 
 def _in_table_order(layer: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, H, D] gathered by [B, W] -> [B, H, W * block_size, D]."""
-    gathered = layer[block_tables]  # [B, W, block_size, H, D]
-    return gathered.flatten(1, 2).transpose(1, 2)
+    """[H, num_blocks, block_size, D] gathered by [B, W] -> [B, H, W * block_size, D]."""
+    gathered = layer[:, block_tables]  # [H, B, W, block_size, D]
+    return gathered.flatten(2, 3).transpose(0, 1)

@@ -1,9 +1,12 @@
-"""Choosing each sample's next token from the model's logits, a row at a time.
+"""Choosing each sample's next token from the model's logits.
 
 Each row brings its own `SamplingParams` and its own `torch.Generator`, so a sample's draws depend
-on its seed and its logits only, never on what else is in the batch. A draw is the exponential
-race (argmax of p / E with E ~ Exp(1), the same distribution as `torch.multinomial`): one vector
-of noise per token from the row's generator.
+on its seed and its logits only, never on what else is in the batch. A draw is inverse-transform
+sampling: one uniform number u per token from the row's generator, and the token is the first
+whose cumulative probability (a float32 running sum, rounding
+errors ~1e-5 of the total at a 128k vocabulary) exceeds u, the distribution of `torch.multinomial`. One
+number per row keeps the per-row generators cheap (a vector of noise per row, as the exponential
+race needs, costs ~2 ms per row at a 128k vocabulary on a CPU); the rest runs batched.
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ def sample_rows(
     """One token per row of `logits` [B, V]: argmax for greedy rows, else a draw from
     softmax(filtered logits) with the row's generator."""
     logits = logits.float()
-    tokens: list[int] = []
-    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if row_params.greedy:
-            tokens.append(int(logits[row].argmax()))
-            continue
-        probs = torch.softmax(filter_logits(logits[row], row_params), dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        tokens.append(int((probs / noise).argmax()))
+    tokens: list[int] = logits.argmax(dim=-1).tolist()  # every greedy row at once
+    rows = [row for row, row_params in enumerate(params) if not row_params.greedy]
+    if not rows:
+        return tokens
+    scaled = torch.stack([filter_logits(logits[row], params[row]) for row in rows])
+    cumulative = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # [R, V]
+    uniform = torch.stack([torch.rand((), generator=generators[row]) for row in rows])
+    picks = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    for row, pick in zip(rows, picks[:, 0].clamp_max(logits.shape[-1] - 1).tolist(), strict=True):
+        tokens[row] = pick
     return tokens
 
 
