@@ -3,9 +3,8 @@
 Each row brings its own `SamplingParams` and its own `torch.Generator`, so a sample's draws depend
 on its seed and its logits only, never on what else is in the batch. A draw is inverse-transform
 sampling: one uniform number u per token from the row's generator, and the token is the first
-whose cumulative probability (a float32 running sum, rounding
-errors ~1e-5 of the total at a 128k vocabulary) exceeds u, the distribution of `torch.multinomial`. One
-number per row keeps the per-row generators cheap (a vector of noise per row, as the exponential
+whose cumulative probability (a float32 running sum, rounding errors ~1e-5 of the total at a
+128k vocabulary) exceeds u, the distribution of `torch.multinomial`. One number per row keeps the per-row generators cheap (a vector of noise per row, as the exponential
 race needs, costs ~2 ms per row at a 128k vocabulary on a CPU); the rest runs batched.
 """
 
