@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from bench_common import cpu_name, matmul_gflops
+from bench_common import cpu_name, matmul_gflops, timed
 from llama_kernels import cpu_bf16_instructions
 from llama_model import Llama, LlamaConfig, count_parameters, save_checkpoint
 from llama_serve import Engine, EngineConfig, SamplingParams
@@ -138,15 +138,7 @@ def measure_bandwidth(repeats: int = 5) -> dict[str, float]:
     1 GiB copy (read + write counted), and a bf16 [1, 8192] x [8192, 65536] F.linear (the weight
     read of a decode step, 1 GiB)."""
 
-    def median_s(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
+    median_s = functools.partial(timed, repeats=repeats)
     n = 1 << 28
     a, b = torch.ones(n), torch.empty(n)
     read = 4 * n / median_s(a.sum) / 1e9

@@ -42,6 +42,7 @@ EXPECTED = [
     "config_to_hf",
     "to_hf_name",
     "from_hf_name",
+    "read_hf_tensors",
     "atomic_write",
     "publish_directory",
 ]

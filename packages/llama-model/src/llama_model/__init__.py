@@ -24,6 +24,7 @@ from llama_model.checkpoint import (
     config_to_hf,
     from_hf_name,
     load_checkpoint,
+    read_hf_tensors,
     save_checkpoint,
     to_hf_name,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "config_to_hf",
     "to_hf_name",
     "from_hf_name",
+    "read_hf_tensors",
     # crash-safe files
     "atomic_write",
     "publish_directory",

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from llama_model.tokenizer import Tokenizer
 
 __all__ = [
+    "read_hf_tensors",
     "config_from_hf",
     "config_to_hf",
     "from_hf_name",
@@ -267,8 +268,10 @@ def _check_state(model: Llama, state: Mapping[str, torch.Tensor]) -> None:
             )
 
 
-def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+def read_hf_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory's safetensors files (one file or the
+    shards its `model.safetensors.index.json` lists), by Hugging Face name, as stored."""
+    directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -280,17 +283,25 @@ def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
             f"{str(directory)!r} has config.json but no model.safetensors or "
             "model.safetensors.index.json"
         )
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for file in files:
         if not (directory / file).is_file():
             raise FileNotFoundError(
                 f"shard {file!r} listed in the index is missing from {directory}"
             )
         with safe_open(directory / file, framework="pt") as f:
-            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # tied: the output projection is the embedding table
-                state[from_hf_name(hf_name)] = f.get_tensor(hf_name)
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _read_hf(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in read_hf_tensors(directory).items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the output projection is the embedding table
+        state[from_hf_name(hf_name)] = tensor
     return config, state
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,6 +46,7 @@ from llama_model import (
     config_from_hf,
     from_hf_name,
     publish_directory,
+    read_hf_tensors,
     save_checkpoint,
     to_hf_name,
 )
@@ -262,7 +262,7 @@ def load_fp8_checkpoint(
         raise FileNotFoundError(f"{str(directory)!r} holds no config.json")
     scale_ub, skip_patterns = _quantization(hf_config, directory)
     config = config_from_hf(hf_config)
-    tensors = _read_tensors(directory)
+    tensors = read_hf_tensors(directory)
     if config.tie_word_embeddings:
         tensors.pop(to_hf_name("output.weight"), None)  # tied: the embedding table is the output
 
@@ -416,30 +416,6 @@ def _hf_skips(module: str, pattern: str) -> bool:
     except re.error:
         matched = False
     return matched or module.endswith(pattern)
-
-
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files (by Hugging Face name)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{str(directory)!r} has config.json but no model.safetensors or "
-            "model.safetensors.index.json"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not (directory / file).is_file():
-            raise FileNotFoundError(
-                f"shard {file!r} listed in the index is missing from {directory}"
-            )
-        with safe_open(directory / file, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                tensors[name] = f.get_tensor(name)
-    return tensors
 
 
 def _check_state(model: Llama, state: Mapping[str, torch.Tensor]) -> None:
