@@ -25,7 +25,9 @@ _PACKABLE = (torch.bfloat16, torch.float32)
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether weights of `dtype` on `device` can be packed (a CPU with oneDNN; bf16 needs CPU
     support for it)."""
-    if device.type != "cpu" or dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or dtype not in _PACKABLE:
+        return False
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

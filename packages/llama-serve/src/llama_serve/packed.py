@@ -83,8 +83,8 @@ class PackedPagedAttention:
                 end = chunk.start + chunk.num_tokens
                 width = -(-end // size)
                 table = torch.tensor([list(chunk.blocks[:width])], device=device)
-                span = self.positions_[0, offset : offset + chunk.num_tokens]
-                visible = torch.arange(width * size, device=device) <= span[:, None]
+                chunk_positions = self.positions_[0, offset : offset + chunk.num_tokens]
+                visible = torch.arange(width * size, device=device) <= chunk_positions[:, None]
                 self.prefills.append(_Prefill(offset, chunk.num_tokens, table, visible[None, None]))
             offset += chunk.num_tokens
 
