@@ -394,6 +394,7 @@ class Engine:
         for source, target in self.scheduler.copies:
             self.cache.copy_block(source, target)
         decodes = [chunk for chunk in chunks if chunk.num_tokens == 1]
+        decodes.sort(key=lambda chunk: -chunk.start)  # longest first: attention groups pad less
         prefills = [chunk for chunk in chunks if chunk.num_tokens > 1]
         if self.config.compile and not prefills:
             rows = self._run_decodes(decodes)  # static shapes, compiled once per batch bucket
@@ -401,8 +402,9 @@ class Engine:
         else:
             decodes, rows = decodes + prefills, self._run_packed(decodes + prefills)
         sampling = [chunk for chunk in decodes if chunk.samples]
-        logits = {id(chunk): row for chunk, row in zip(sampling, rows, strict=True)}
-        to_sample: list[tuple[Sample, torch.Tensor]] = []
+        row_of = {id(chunk): row for row, chunk in enumerate(sampling)}
+        samples: list[Sample] = []
+        sample_rows_of: list[int] = []  # each sample's row of `rows`
         for chunk in chunks:
             sequence = chunk.sequence
             self.scheduler.computed(chunk)
@@ -411,16 +413,18 @@ class Engine:
             self.stats["decode_tokens"] += chunk.num_tokens - prompt_part
             if not chunk.samples:
                 continue
-            to_sample.append((sequence, logits[id(chunk)]))
+            samples.append(sequence)
+            sample_rows_of.append(row_of[id(chunk)])
             if sequence.index == 0 and not sequence.output:  # the prompt is in: fork the rest
                 self.stats["cached_tokens"] += sequence.num_cached
                 for follower in self.scheduler.fork(sequence):
-                    to_sample.append((follower, logits[id(chunk)]))
-        if not to_sample:
+                    samples.append(follower)
+                    sample_rows_of.append(row_of[id(chunk)])
+        if not samples:
             return []
-        stacked = torch.stack([row for _, row in to_sample]).float()
-        samples = [sequence for sequence, _ in to_sample]
-        tokens = sample_rows(stacked, [s.params for s in samples], [s.generator for s in samples])
+        if sample_rows_of != list(range(len(rows))):
+            rows = rows[sample_rows_of]  # one row per sample (the n samples of a new prompt)
+        tokens = sample_rows(rows, [s.params for s in samples], [s.generator for s in samples])
         now = time.perf_counter()
         advanced: dict[str, _Request] = {}
         for i, (sequence, token) in enumerate(zip(samples, tokens, strict=True)):
@@ -428,7 +432,7 @@ class Engine:
             request.first_token_time = request.first_token_time or now
             sequence.output.append(token)
             if sequence.params.logprobs is not None:
-                sequence.logprobs.append(top_logprobs(stacked[i], token, sequence.params.logprobs))
+                sequence.logprobs.append(top_logprobs(rows[i], token, sequence.params.logprobs))
             self._check_stop(sequence)
             advanced[request.request_id] = request
         for request in advanced.values():

@@ -4,7 +4,8 @@ however many sequences advance (vLLM's way; the linear layers see [1, N] tokens)
 
 `PackedPagedAttention` is the attention backend of that forward (`llama_model`'s seam): each layer
 writes its N keys and values into their sequences' cache slots at once, then attends per part:
-the decodes together (one query each over their own blocks, masked to their positions), and each
+the decodes in groups of similar length (one query each over its own blocks, masked to its
+position; two batched matmuls per group), and each
 prefill chunk over its own blocks (causal; a chunk that starts at position 0 attends over the keys
 it just computed, with no gather and no mask).
 """
@@ -40,6 +41,14 @@ class _Prefill:
     mask: torch.Tensor | None  # [1, 1, T, W * block_size]
 
 
+@dataclass(frozen=True)
+class _DecodeGroup:
+    first: int  # its rows are first..end-1 of the packed row
+    end: int
+    table: torch.Tensor  # [rows, W]
+    mask: torch.Tensor  # [rows, W * block_size]: the slots at or before each row's position
+
+
 class PackedPagedAttention:
     """The attention backend of a packed step: `chunks` in packed order, single-token chunks
     (decodes) first."""
@@ -63,17 +72,24 @@ class PackedPagedAttention:
         self.positions_ = torch.tensor([positions], device=device)
         self.slots = torch.tensor(slots, device=device)
         self.num_decodes = num_decodes
-        if num_decodes:
-            decodes = chunks[:num_decodes]
-            width = max(chunk.start // size + 1 for chunk in decodes)
-            table = torch.full((num_decodes, width), NULL_BLOCK, dtype=torch.long)
-            for row, chunk in enumerate(decodes):
+        # Decodes attend in groups of similar context width (each group gathers its rows' blocks
+        # up to its longest row): consecutive rows join a group while their width stays within
+        # [1/2, 1] of its first row's, so a step whose rows are ordered longest first pads little.
+        self.decode_groups: list[_DecodeGroup] = []
+        first = 0
+        while first < num_decodes:
+            width = chunks[first].start // size + 1
+            end = first + 1
+            while end < num_decodes and width / 2 <= chunks[end].start // size + 1 <= width:
+                end += 1
+            table = torch.full((end - first, width), NULL_BLOCK, dtype=torch.long)
+            for row, chunk in enumerate(chunks[first:end]):
                 blocks = list(chunk.blocks[:width])
                 table[row, : len(blocks)] = torch.tensor(blocks)
-            self.decode_table = table.to(device)
-            decode_positions = self.positions_[0, :num_decodes]
-            slots_seen = torch.arange(width * size, device=device)
-            self.decode_mask = slots_seen <= decode_positions[:, None]  # [D, S]
+            group_positions = self.positions_[0, first:end]
+            visible = torch.arange(width * size, device=device) <= group_positions[:, None]
+            self.decode_groups.append(_DecodeGroup(first, end, table.to(device), visible))
+            first = end
         self.prefills: list[_Prefill] = []
         offset = num_decodes
         for chunk in chunks[num_decodes:]:
@@ -102,10 +118,10 @@ class PackedPagedAttention:
         """q [1, heads, N, D], k and v [1, kv_heads, N, D] -> [1, heads, N, D]."""
         self.cache.write(layer_id, self.slots, k[0], v[0])
         parts: list[torch.Tensor] = []
-        if self.num_decodes:
-            keys, values = self.cache.gather(layer_id, self.decode_table)  # [kv_heads, D, S, D]
-            queries = q[0, :, : self.num_decodes]
-            parts.append(_decode_attention(queries, keys, values, self.decode_mask)[None])
+        for group in self.decode_groups:
+            keys, values = self.cache.gather(layer_id, group.table)  # [kv_heads, rows, S, D]
+            queries = q[0, :, group.first : group.end]
+            parts.append(_decode_attention(queries, keys, values, group.mask)[None])
         for part in self.prefills:
             span = slice(part.offset, part.offset + part.num_tokens)
             if part.table is None:
