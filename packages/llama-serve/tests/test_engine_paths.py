@@ -11,14 +11,15 @@ in test_engine.py).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_kernels import Fp8RowwiseLinear
-from llama_model import Llama, LlamaConfig, Message, Tokenizer
+from llama_kernels import Fp8RowwiseLinear, bf16_is_fast
+from llama_model import Llama, LlamaConfig, Message, Tokenizer, save_checkpoint
 from llama_serve import Engine, EngineConfig, SamplingParams, quantize_fp8
 from llama_serve.cpu_linear import PackedLinear, can_pack, pack_linear_layers
 
@@ -194,3 +195,18 @@ def test_stop_strings_cut_the_text(llama3_engine: Engine) -> None:
     assert sample.finish_reason == "stop" and sample.stop_reason == stop
     assert sample.text == full[: full.index(stop)]
     assert stop not in sample.text
+
+
+# ------------------------------------------------------------------------ dtype
+
+
+def test_auto_dtype_is_bf16_where_bf16_is_fast(tmp_path: Path) -> None:
+    """from_pretrained(dtype="auto") serves in bf16 where llama_kernels.bf16_is_fast says so
+    (this machine: AVX512-BF16), else float32; an explicit dtype wins either way."""
+    save_checkpoint(_model(), tmp_path / "ckpt")  # written in float32
+    auto = Engine.from_pretrained(tmp_path / "ckpt", device="cpu", num_blocks=16)
+    expected = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32
+    assert auto.dtype == expected and auto.model.tok_embeddings.weight.dtype == expected
+    assert auto.cache.keys.dtype == expected
+    explicit = Engine.from_pretrained(tmp_path / "ckpt", dtype="float32", num_blocks=16)
+    assert explicit.dtype == torch.float32 and explicit.cache.keys.dtype == torch.float32
