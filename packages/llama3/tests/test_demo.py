@@ -42,6 +42,9 @@ def test_llama_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         "[4/5] pretraining (",
         "2 steps of 1x16 tokens",
         "[5/5] exported",
+        "served by llama-serve",
+        "sample 0 of 4",
+        "sample 3 of 4",
     ):
         assert stage in out, out
     assert (tmp_path / "out" / "train" / "model" / "model.safetensors").is_file()

@@ -7,7 +7,8 @@
 4. Pretraining of the `debug` model (4 layers, width 256, the full vocabulary) with the `Trainer`
    (the recipe's warmup + cosine schedule, packed documents with cross-document masking, a
    progress bar, metrics JSONL/TensorBoard/loss.png, a sharded checkpoint).
-5. Export in the Hugging Face layout (loads in transformers and vLLM), reload, greedy generation.
+5. Export in the Hugging Face layout (loads in transformers and vLLM) and serve it with
+   llama-serve's engine: greedy, and four samples sharing one prefill.
 Every stage prints what it did. `llama-demo --help` lists the options.
 
 The stages follow "The Llama 3 Herd of Models" (arXiv 2407.21783): curation §3.1, the model §3.2,
@@ -40,7 +41,8 @@ from llama_data import (
     write_token_shards,
 )
 from llama_kernels import bf16_is_fast
-from llama_model import Tokenizer, generate, load_checkpoint
+from llama_model import Tokenizer
+from llama_serve import Engine, SamplingParams
 from llama_train import TrainConfig, Trainer
 
 __all__ = ["docstring_corpus", "main"]
@@ -153,11 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"checkpoints in {out / 'train'}")  # fmt: skip
 
     assert result.exported is not None
-    model = load_checkpoint(result.exported)
-    prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
-    new = generate(model, prompt, max_new_tokens=24, stop_tokens=tokenizer.stop_tokens)
-    print(f"[5/5] exported to {result.exported} (Hugging Face layout); reloaded, generation: "
-          f"{args.prompt!r} -> {tokenizer.decode(new)!r}")  # fmt: skip
+    engine = Engine.from_pretrained(result.exported, tokenizer=tokenizer)
+    greedy, sampled = engine.generate(
+        [args.prompt, args.prompt],
+        [SamplingParams(max_tokens=24, temperature=0.0),
+         SamplingParams(max_tokens=24, temperature=0.8, n=4, seed=0)],
+    )  # fmt: skip
+    print(f"[5/5] exported to {result.exported} (Hugging Face layout); served by llama-serve "
+          f"({engine.dtype}), greedy: {args.prompt!r} -> {greedy.outputs[0].text!r}")  # fmt: skip
+    for sample in sampled.outputs:
+        print(f"      sample {sample.index} of 4 (temperature 0.8, one shared prefill): "
+              f"{sample.text!r}")  # fmt: skip
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
