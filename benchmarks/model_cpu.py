@@ -35,8 +35,15 @@ import transformers
 
 from bench_common import cpu_name, matmul_gflops, timed_in_turn
 from llama_kernels import bf16_is_fast, cpu_bf16_instructions
-from llama_model import KVCache, Llama, LlamaConfig, count_parameters, generate
-from llama_model.checkpoint import config_to_hf, to_hf_name
+from llama_model import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    config_to_hf,
+    count_parameters,
+    generate,
+    to_hf_name,
+)
 from llama_model.generate import decode_one_token, prefill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -43,6 +43,7 @@ EXPECTED = [
     "to_hf_name",
     "from_hf_name",
     "read_hf_tensors",
+    "check_state_dict",
     "atomic_write",
     "publish_directory",
 ]

@@ -2,8 +2,8 @@
 complete one.
 
 DESIGN.md: "a failed write leaves the previous good file in place". This is llama-data's one home
-for that contract; its twin, `llama_model.atomic`, holds it for the torch side (llama-data must not
-import torch), the two are the same code, and `tests/test_atomic_writes.py` holds both to one
+for that contract; its twin, `llama_model.atomic`, holds it for the torch side (llama-data must
+not depend on torch), the two are the same code, and `tests/test_atomic_writes.py` holds both to one
 contract. See `llama_model.atomic` for the reasoning behind each step; in short:
 
 - `atomic_write(path)` yields a temporary path next to `path`; the caller writes it however it

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from llama_model.atomic import publish_directory
 from llama_model.config import LlamaConfig, RopeScaling
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from llama_model.tokenizer import Tokenizer
 
 __all__ = [
+    "check_state_dict",
     "read_hf_tensors",
     "config_from_hf",
     "config_to_hf",
@@ -244,27 +246,37 @@ def load_checkpoint(
         )
     with torch.device("meta"):
         model = Llama(config)
-    _check_state(model, state)
+    check_state_dict(model, state)
     for name in list(state):  # one tensor at a time: never two copies of the model in memory
         state[name] = state[name].to(device=device, dtype=dtype or state[name].dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def _check_state(model: Llama, state: Mapping[str, torch.Tensor]) -> None:
+def check_state_dict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    file_name: Callable[[str], str] = str,
+) -> None:
+    """Refuse `state` unless it holds every tensor of `model`'s state dict, none other, each of
+    its shape: ValueError naming the first offending tensor as `file_name` spells it (the name
+    in the checkpoint's files; default: the state-dict name)."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+        raise ValueError(f"checkpoint is missing tensor {file_name(missing[0])!r}{more}")
     unexpected = sorted(state.keys() - expected.keys())
     if unexpected:
-        raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} for this config")
+        raise ValueError(
+            f"checkpoint has unexpected tensor {file_name(unexpected[0])!r} for this config"
+        )
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise ValueError(
-                f"tensor {name!r} has shape {tuple(state[name].shape)} in the checkpoint but the "
-                f"config expects {shape}"
+                f"tensor {file_name(name)!r} has shape {tuple(state[name].shape)} in the "
+                f"checkpoint but the config expects {shape}"
             )
 
 

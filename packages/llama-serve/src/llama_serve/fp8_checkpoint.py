@@ -43,6 +43,7 @@ from torch import nn
 from llama_kernels import SCALE_UB, Fp8RowwiseLinear
 from llama_model import (
     Llama,
+    check_state_dict,
     config_from_hf,
     from_hf_name,
     publish_directory,
@@ -421,24 +422,11 @@ def _hf_skips(module: str, pattern: str) -> bool:
 def _check_state(model: Llama, state: Mapping[str, torch.Tensor]) -> None:
     """Every tensor the model needs, none it does not, each of its shape (named as in the file)."""
 
-    def hf(name: str) -> str:  # an FP8 module's weight_fp8 is '.weight' in the file
+    def file_name(name: str) -> str:  # an FP8 module's weight_fp8 is '.weight' in the file
         module, _, tensor = name.rpartition(".")
         if tensor in ("weight_fp8", "weight_scale"):
             hf_module = to_hf_name(f"{module}.weight").removesuffix(".weight")
             return f"{hf_module}.{tensor.removesuffix('_fp8')}"
         return to_hf_name(name)
 
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"checkpoint is missing tensor {hf(missing[0])!r}{more}")
-    unexpected = sorted(state.keys() - expected.keys())
-    if unexpected:
-        raise ValueError(f"checkpoint has unexpected tensor {hf(unexpected[0])!r} for this config")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(
-                f"tensor {hf(name)!r} has shape {tuple(state[name].shape)} in the checkpoint but "
-                f"the config expects {shape}"
-            )
+    check_state_dict(model, state, file_name=file_name)
