@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_kernels import Fp8RowwiseLinear, bf16_is_fast
-from llama_model import Llama, LlamaConfig, Message, Tokenizer, save_checkpoint
+from llama_model import Llama, LlamaConfig, Message, Tokenizer, generate, save_checkpoint
 from llama_serve import Engine, EngineConfig, SamplingParams, quantize_fp8
 from llama_serve.cpu_linear import PackedLinear, can_pack, pack_linear_layers
 
@@ -210,3 +210,19 @@ def test_auto_dtype_is_bf16_where_bf16_is_fast(tmp_path: Path) -> None:
     assert auto.cache.keys.dtype == expected
     explicit = Engine.from_pretrained(tmp_path / "ckpt", dtype="float32", num_blocks=16)
     assert explicit.dtype == torch.float32 and explicit.cache.keys.dtype == torch.float32
+
+
+def test_a_step_never_packs_more_tokens_than_the_model_takes() -> None:
+    """The default budget (2048 tokens per step) over a model of max_seq_len 64: three 40-token
+    prompts would pack 120 tokens into one row, which the model refuses; the engine caps each
+    step at 64 tokens (chunked prefill does the rest) and equals the model's own generation."""
+    config = LlamaConfig.model_validate({"dim": 64, "n_layers": 1, "n_heads": 4,
+        "n_kv_heads": 2, "vocab_size": VOCAB, "multiple_of": 32, "max_seq_len": 64})  # fmt: skip
+    short = Llama(config)
+    short.init_weights(seed=0, std=0.1)
+    short.eval()
+    engine = Engine(short, config=EngineConfig(block_size=4, num_blocks=64))
+    prompts = [[(7 * i + j) % VOCAB for j in range(40)] for i in range(3)]
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.outputs[0].token_ids == generate(short, prompt, max_new_tokens=8)

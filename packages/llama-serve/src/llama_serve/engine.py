@@ -3,10 +3,11 @@
 
 `Engine.generate(prompts, params)` is vLLM's offline `LLM.generate`; `add_request` / `step` /
 `abort` are the loop a server drives (see `llama_serve.AsyncEngine`). Each `step` asks the
-`Scheduler` which sequences run and with how many tokens, runs the one-token rows (decodes) as one
-batch through `llama_model.decode_one_token` and each longer chunk (a prompt, a piece of a long
-prompt, a recomputation after preemption) as its own row, then samples a token for every sequence
-whose chunk reached its end.
+`Scheduler` which sequences run and with how many tokens, runs every chunk (the one-token decodes
+and the longer chunks: a prompt, a piece of a long prompt, a recomputation after preemption) in
+one forward over one packed row (`llama_serve.packed`; with `compile=True`, decode-only steps go
+through a compiled `llama_model.decode_one_token` instead), then samples a token for every
+sequence whose chunk reached its end.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class EngineConfig(BaseModel):
 
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     """Tokens per step over all sequences: a longer prompt is prefilled in chunks of at most
-    this many, between the running sequences' decode steps (chunked prefill)."""
+    this many, between the running sequences' decode steps (chunked prefill). A step's tokens
+    run as one packed row, so the engine uses at most the model's max_seq_len."""
 
     max_model_len: int | None = Field(default=None, ge=1)
     """The most tokens (prompt + output) of one sequence. None: the model's max_seq_len."""
@@ -166,7 +168,10 @@ class Engine:
             self.pool,
             block_size,
             max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            # A step's tokens form one packed row, which the model takes up to its max_seq_len.
+            max_num_batched_tokens=min(
+                self.config.max_num_batched_tokens, model_config.max_seq_len
+            ),
         )
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()

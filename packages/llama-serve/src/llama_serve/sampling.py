@@ -50,11 +50,17 @@ def sample_rows(
         return tokens
     scaled = torch.stack([filter_logits(logits[row].float(), params[row]) for row in rows])
     cumulative = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # [R, V]
-    uniform = torch.stack([torch.rand((), generator=generators[row]) for row in rows])
+    uniform = torch.stack([_uniform(generators[row], logits.device) for row in rows])
     picks = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
     for row, pick in zip(rows, picks[:, 0].clamp_max(logits.shape[-1] - 1).tolist(), strict=True):
         tokens[row] = pick
     return tokens
+
+
+def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One U[0, 1) number from `generator` (drawn on its device), on `device`."""
+    drawn_on = generator.device if generator is not None else device
+    return torch.rand((), generator=generator, device=drawn_on).to(device)
 
 
 def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, float]:
