@@ -93,8 +93,10 @@ class EngineConfig(BaseModel):
     """On a CPU (bf16 with CPU support, or float32), run the linear layers and the output
     projection with oneDNN-packed weights (`llama_serve.cpu_linear`; decode matmuls 2.5-4x faster
     than `F.linear`). `Engine(model)` packs copies and leaves `model` unchanged (its linear
-    weights are then held twice); `from_pretrained` packs the blocks in place. Not combined with
-    `compile`."""
+    weights are then held twice); `from_pretrained` packs the blocks in place. The output
+    projection is always a packed copy (vocab_size x dim more weights). The packed weights are
+    read when the engine is built: after changing the model's weights, build a new engine. Not
+    combined with `compile`."""
 
 
 @dataclass(eq=False)
