@@ -254,6 +254,7 @@ def test_read_model_metadata_lists_model_tensors(tmp_path: Path) -> None:
 
 _FSDP_WORKER = textwrap.dedent(
     """
+    import os
     import sys
     import torch
     import torch.distributed as dist
@@ -276,6 +277,10 @@ _FSDP_WORKER = textwrap.dedent(
         save({{"model": state, "train": {{"step": seed}}}}, checkpoint_id=sys.argv[1] + f"/{{seed}}")
     dist.barrier()  # no rank tears its gloo connections down while the other still uses them
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown, which after FSDP2 on gloo sometimes aborts under
+    # CPU contention ("terminate called without an active exception"), as in distributed/_common.
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
