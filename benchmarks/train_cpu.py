@@ -88,10 +88,11 @@ from llama_model import (
     Documents,
     Llama,
     LlamaConfig,
+    config_to_hf,
     count_parameters,
     flops_per_token,
+    to_hf_name,
 )
-from llama_model.checkpoint import config_to_hf, to_hf_name
 from llama_train import TrainConfig, Trainer
 from llama_train.data import IGNORE_INDEX, Batch
 from llama_train.loss import LinearCrossEntropy, summed_cross_entropy

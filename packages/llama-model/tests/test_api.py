@@ -44,6 +44,7 @@ EXPECTED = [
     "from_hf_name",
     "read_hf_tensors",
     "check_state_dict",
+    "check_checkpoint_target",
     "atomic_write",
     "publish_directory",
 ]

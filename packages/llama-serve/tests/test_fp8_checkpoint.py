@@ -529,3 +529,18 @@ def test_engine_serves_an_fp8_checkpoint_as_the_recipe_would(
         assert got == expected
     with pytest.raises(ValueError, match="quantization must be None or 'fp8', got 'int4'"):
         Engine.from_pretrained(dst, quantization="int4")  # type: ignore[arg-type]
+
+
+def test_save_refuses_a_target_that_holds_no_checkpoint(tmp_path: Path) -> None:
+    """Like save_checkpoint: a file, or a non-empty directory without config.json, is refused
+    before anything is written, and stays as it was."""
+    occupied = tmp_path / "notes"
+    occupied.mkdir()
+    (occupied / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="non-empty directory that holds no checkpoint"):
+        save_fp8_checkpoint(_fp8_llama(), occupied)
+    assert [p.name for p in occupied.iterdir()] == ["todo.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        save_fp8_checkpoint(_fp8_llama(), a_file)

@@ -20,6 +20,7 @@ from llama_model.attention import (
 from llama_model.cache import KVCache, KVCacheProtocol
 from llama_model.chat import ChatFormat, EncodedDialog, Message, ToolCall
 from llama_model.checkpoint import (
+    check_checkpoint_target,
     check_state_dict,
     config_from_hf,
     config_to_hf,
@@ -78,6 +79,7 @@ __all__ = [
     "from_hf_name",
     "read_hf_tensors",
     "check_state_dict",
+    "check_checkpoint_target",
     # crash-safe files
     "atomic_write",
     "publish_directory",

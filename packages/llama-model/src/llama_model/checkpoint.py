@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from llama_model.tokenizer import Tokenizer
 
 __all__ = [
+    "check_checkpoint_target",
     "check_state_dict",
     "read_hf_tensors",
     "config_from_hf",
@@ -253,6 +254,22 @@ def load_checkpoint(
     return model.eval()
 
 
+def check_checkpoint_target(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path if a checkpoint may be written there: it does not exist, or is an empty
+    directory, or holds a checkpoint (a config.json) to replace. Anything else is a
+    FileExistsError, so that a mistyped path never replaces unrelated files."""
+    target = Path(path)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
+        if any(target.iterdir()) and not (target / "config.json").is_file():
+            raise FileExistsError(
+                f"{str(target)!r} is a non-empty directory that holds no checkpoint (no "
+                "config.json); refusing to replace it: choose a new or empty directory"
+            )
+    return target
+
+
 def check_state_dict(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -404,15 +421,7 @@ def save_checkpoint(
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
-    target = Path(path)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
-        if any(target.iterdir()) and not (target / "config.json").is_file():
-            raise FileExistsError(
-                f"{str(target)!r} is a non-empty directory that holds no checkpoint (no "
-                "config.json); refusing to replace it: choose a new or empty directory"
-            )
+    target = check_checkpoint_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     # References only: each shard is moved to the CPU and converted while it is written.

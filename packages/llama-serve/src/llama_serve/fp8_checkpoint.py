@@ -43,6 +43,7 @@ from torch import nn
 from llama_kernels import SCALE_UB, Fp8RowwiseLinear
 from llama_model import (
     Llama,
+    check_checkpoint_target,
     check_state_dict,
     config_from_hf,
     from_hf_name,
@@ -93,15 +94,7 @@ def save_fp8_checkpoint(
     dtypes, or has a quantized layer with a bias.
     """
     quantized, dtype, scale_ub = _check_quantized_model(model)
-    target = Path(path)
-    if target.exists():  # the rule save_checkpoint applies to its target, applied to ours
-        if not target.is_dir():
-            raise FileExistsError(f"{str(target)!r} exists and is not a directory")
-        if any(target.iterdir()) and not (target / "config.json").is_file():
-            raise FileExistsError(
-                f"{str(target)!r} is a non-empty directory that holds no checkpoint (no "
-                "config.json); refusing to replace it: choose a new or empty directory"
-            )
+    target = check_checkpoint_target(path)  # save_checkpoint's rule for its target
     copies = [Path(file) for file in copy_files]
     for file in copies:
         if not file.is_file():

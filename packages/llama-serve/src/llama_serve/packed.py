@@ -71,7 +71,6 @@ class PackedPagedAttention:
             slots.extend(chunk.blocks[p // size] * size + p % size for p in span)
         self.positions_ = torch.tensor([positions], device=device)
         self.slots = torch.tensor(slots, device=device)
-        self.num_decodes = num_decodes
         # Decodes attend in groups of similar context width (each group gathers its rows' blocks
         # up to its longest row): consecutive rows join a group while their width stays within
         # [1/2, 1] of its first row's, so a step whose rows are ordered longest first pads little.

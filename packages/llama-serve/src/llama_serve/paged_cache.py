@@ -221,6 +221,8 @@ class PagedView:
 
 
 def _in_table_order(layer: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[H, num_blocks, block_size, D] gathered by [B, W] -> [B, H, W * block_size, D]."""
+    """[H, num_blocks, block_size, D] gathered by [B, W] -> [B, H, W * block_size, D]: a fresh
+    tensor by advanced indexing, which `torch.compile` traces (`PagedKVCache.gather` writes into
+    a reused workspace with `index_select(out=...)` instead, for the eager packed step)."""
     gathered = layer[:, block_tables]  # [H, B, W, block_size, D]
     return gathered.flatten(2, 3).transpose(0, 1)
