@@ -35,6 +35,9 @@ EXPECTED = [
     "Message",
     "ToolCall",
     "Tokenizer",
+    # tool calling
+    "LLAMA31_BUILTIN_TOOLS",
+    "with_tool_prompt",
     # checkpoints and crash-safe files
     "load_checkpoint",
     "save_checkpoint",

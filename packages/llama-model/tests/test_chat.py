@@ -343,3 +343,243 @@ def test_from_hf_dict_parses_json_string_arguments() -> None:
     assert message == Message(
         role="assistant", content="", tool_calls=(ToolCall(name="f", arguments={"a": 1}),)
     )
+
+
+# --- Parsing replies into tool calls (decode_assistant) ----------------------------------------
+
+# Replies Meta's parser accepts: (text, starts with <|python_tag|>, terminator). The oracle is
+# Meta's `ChatFormat.decode_assistant_message` (decode, then `decode_assistant_message_from_content`).
+ORACLE_REPLIES: dict[str, tuple[str, bool, str]] = {
+    "plain_eot": ("The capital of France is Paris.", False, "<|eot_id|>"),
+    "plain_eom": ("Let me look that up.", False, "<|eom_id|>"),
+    "json_name_parameters": (
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        False,
+        "<|eom_id|>",
+    ),
+    "json_type_function": (
+        '{"type": "function", "name": "get_weather", "parameters": {"city": "Zürich", "days": 3}}',
+        False,
+        "<|eot_id|>",
+    ),
+    "json_nested_values": (
+        '{"name": "plan", "parameters": {"stops": ["a", "b"], "opts": {"x": 1.5, "y": null}}}',
+        False,
+        "<|eom_id|>",
+    ),
+    "json_whitespace_around": (
+        '\n  {"name": "get_weather", "parameters": {"city": "Paris"}}  \n',
+        False,
+        "<|eom_id|>",
+    ),
+    "python_tag_json_multiline": (
+        '{\n    "type": "function",\n    "name": "trending_songs",\n    "parameters": {\n'
+        '        "n": "10",\n        "genre": "all"\n    }\n}',
+        True,
+        "<|eom_id|>",
+    ),
+    "python_tag_code": (
+        "def is_prime(n):\n    return n > 1 and all(n % i for i in range(2, n))\n\nprint(is_prime(7))",
+        True,
+        "<|eom_id|>",
+    ),
+    "python_tag_brave_search": (
+        'brave_search.call(query="latest price of 1oz gold")',
+        True,
+        "<|eom_id|>",
+    ),
+    "python_tag_wolfram_alpha": (
+        'wolfram_alpha.call(query="100th decimal of pi")',
+        True,
+        "<|eom_id|>",
+    ),
+    "bare_brave_search": ('brave_search.call(query="weather in Menlo Park")', False, "<|eom_id|>"),
+    "builtin_in_json_form": (
+        '{"name": "brave_search", "parameters": {"query": "Llama 3.1 release"}}',
+        False,
+        "<|eom_id|>",
+    ),
+    "builtin_in_json_form_other_key": (
+        '{"name": "wolfram_alpha", "parameters": {"q": "2+2"}}',
+        False,
+        "<|eom_id|>",
+    ),
+    "json_object_not_a_call": ('{"temperature": 21, "sky": "clear"}', False, "<|eot_id|>"),
+    "json_list_not_a_call": ("[1, 2, 3]", False, "<|eot_id|>"),
+}
+
+
+def reply_tokens(
+    tokenizer: Tokenizer, text: str, *, python_tag: bool = False, end: str = ""
+) -> list[int]:
+    """The tokens a model would emit for `text`: optional <|python_tag|>, the text, a terminator."""
+    head = [tokenizer.python_tag_id] if python_tag else []
+    tail = [tokenizer.token_id(end)] if end else []
+    return [*head, *tokenizer.encode(text, bos=False, eos=False), *tail]
+
+
+def view(message: Message) -> tuple[str, list[tuple[str, dict[str, Any]]], bool]:
+    """Content, (name, arguments) of each call, and whether the model waits for a tool result."""
+    return (
+        message.content,
+        [(c.name, dict(c.arguments)) for c in message.tool_calls],
+        message.end_of_message,
+    )
+
+
+def reference_view(reference: RawMessage) -> tuple[str, list[tuple[str, dict[str, Any]]], bool]:
+    """The same view of Meta's decoded `RawMessage` (tool names as plain strings)."""
+    return (
+        reference.content,
+        [
+            (getattr(c.tool_name, "value", c.tool_name), dict(c.arguments))
+            for c in reference.tool_calls
+        ],
+        reference.stop_reason == StopReason.end_of_message,
+    )
+
+
+@pytest.mark.parametrize("name", list(ORACLE_REPLIES))
+def test_decode_assistant_matches_reference_parser(
+    chat_format: ChatFormat, reference_chat: Any, tokenizer: Tokenizer, name: str
+) -> None:
+    """Where Meta's parser accepts a reply, decode_assistant gives its content, calls and stop reason."""
+    text, python_tag, end = ORACLE_REPLIES[name]
+    tokens = reply_tokens(tokenizer, text, python_tag=python_tag, end=end)
+    reference = reference_chat.decode_assistant_message(tokens, StopReason.end_of_turn)
+    assert view(chat_format.decode_assistant(tokens)) == reference_view(reference)
+
+
+def test_reference_parser_raises_on_arguments(reference_chat: Any, tokenizer: Tokenizer) -> None:
+    """Meta's parser raises KeyError on `"arguments"` (the case ours must handle)."""
+    tokens = reply_tokens(tokenizer, '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    with pytest.raises(KeyError, match="parameters"):
+        reference_chat.decode_assistant_message(tokens, StopReason.end_of_turn)
+
+
+WEATHER = ToolCall(name="get_weather", arguments={"city": "Paris"})
+
+
+@pytest.mark.parametrize(
+    ("text", "python_tag"),
+    [
+        ('{"name": "get_weather", "arguments": {"city": "Paris"}}', False),
+        ('{"type": "function", "name": "get_weather", "arguments": {"city": "Paris"}}', False),
+        ('{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', False),
+        ('{"name": "get_weather", "arguments": {"city": "Paris"}}', True),
+        ('  {"name": "get_weather", "parameters": {"city": "Paris"}}\n', True),
+    ],
+    ids=["dict", "with_type", "json_string", "python_tag", "python_tag_whitespace"],
+)
+def test_decode_assistant_reads_arguments(
+    chat_format: ChatFormat, tokenizer: Tokenizer, text: str, python_tag: bool
+) -> None:
+    """`"arguments"` (an object or a JSON string of one) stands for `"parameters"`, tagged or not."""
+    tokens = reply_tokens(tokenizer, text, python_tag=python_tag, end="<|eom_id|>")
+    assert chat_format.decode_assistant(tokens) == Message(
+        role="assistant", content="", tool_calls=(WEATHER,), end_of_message=True
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "Bob", "age": 3}',
+        '{"type": "object", "name": "get_weather", "parameters": {}}',
+        '{"name": "", "parameters": {}}',
+        '{"name": 5, "parameters": {}}',
+        '{"name": "get_weather", "parameters": [1]}',
+        '{"name": "get_weather", "arguments": "city=Paris"}',
+        '{"name": "get_weather", "arguments": "[1, 2]"}',
+        '{"name": "brave_search", "parameters": {}}',
+        '{"name": "code_interpreter", "parameters": {"code": 5}}',
+        'Searching: brave_search.call(query="x")',
+        'brave_search.call(query="x") and more',
+        "[" * 100_000,
+    ],
+    ids=[
+        "no_parameters",
+        "other_type",
+        "empty_name",
+        "non_string_name",
+        "parameters_not_object",
+        "arguments_not_json",
+        "arguments_json_not_object",
+        "builtin_without_argument",
+        "code_not_string",
+        "text_before_builtin",
+        "text_after_builtin",
+        "deep_nesting",
+    ],
+)
+def test_decode_assistant_keeps_non_calls_as_content(
+    chat_format: ChatFormat, tokenizer: Tokenizer, text: str
+) -> None:
+    """Text that is not exactly one well-formed call stays content, and nothing raises."""
+    tokens = reply_tokens(tokenizer, text, end="<|eot_id|>")
+    assert chat_format.decode_assistant(tokens) == Message(role="assistant", content=text)
+
+
+def test_decode_assistant_python_tag_text_is_code(
+    chat_format: ChatFormat, tokenizer: Tokenizer
+) -> None:
+    """After <|python_tag|>, text that is not exactly one call is code_interpreter code, verbatim."""
+    code = '# brave_search.call(query="x") is only mentioned here\nprint(1)\n'
+    tokens = reply_tokens(tokenizer, code, python_tag=True, end="<|eom_id|>")
+    call = ToolCall(name="code_interpreter", arguments={"code": code})
+    assert chat_format.decode_assistant(tokens) == Message(
+        role="assistant", content="", tool_calls=(call,), end_of_message=True
+    )
+
+
+def test_decode_assistant_json_code_interpreter_call(
+    chat_format: ChatFormat, tokenizer: Tokenizer
+) -> None:
+    """A JSON call to code_interpreter keeps its `code` argument (Meta's parser renames it `query`)."""
+    text = '{"name": "code_interpreter", "parameters": {"code": "print(1)"}}'
+    tokens = reply_tokens(tokenizer, text, python_tag=True, end="<|eom_id|>")
+    call = ToolCall(name="code_interpreter", arguments={"code": "print(1)"})
+    assert chat_format.decode_assistant(tokens).tool_calls == (call,)
+
+
+@pytest.mark.parametrize(
+    ("end", "waits"),
+    [("<|eom_id|>", True), ("<|eot_id|>", False), ("<|end_of_text|>", False), ("", False)],
+    ids=["eom", "eot", "end_of_text", "none"],
+)
+def test_decode_assistant_eom_means_waiting_for_a_tool(
+    chat_format: ChatFormat, tokenizer: Tokenizer, end: str, waits: bool
+) -> None:
+    """Only a trailing <|eom_id|> sets end_of_message; the call parses whatever the terminator."""
+    tokens = reply_tokens(
+        tokenizer, '{"name": "get_weather", "parameters": {"city": "Paris"}}', end=end
+    )
+    assert chat_format.decode_assistant(tokens) == Message(
+        role="assistant", content="", tool_calls=(WEATHER,), end_of_message=waits
+    )
+
+
+def test_decode_assistant_builtin_with_python_tag_reencodes_as_meta(
+    chat_format: ChatFormat, reference_chat: Any, tokenizer: Tokenizer
+) -> None:
+    """A tagged brave_search reply decodes to the call, which re-encodes as Meta's reference writes it."""
+    tokens = reply_tokens(
+        tokenizer, 'brave_search.call(query="gold price")', python_tag=True, end="<|eom_id|>"
+    )
+    message = chat_format.decode_assistant(tokens)
+    assert message.tool_calls == (ToolCall(name="brave_search", arguments={"query": "gold price"}),)
+    expected = reference_chat.encode_message(to_reference(message), ToolPromptFormat.json)[0]
+    assert chat_format.encode_message(message).tokens == expected
+
+
+@pytest.mark.parametrize("name", list(ORACLE_REPLIES))
+def test_may_be_tool_call_agrees_with_decode_assistant(
+    chat_format: ChatFormat, tokenizer: Tokenizer, name: str
+) -> None:
+    """Every prefix of a reply that decodes to a call may be a call; a whole text reply may not."""
+    text, python_tag, end = ORACLE_REPLIES[name]
+    tokens = reply_tokens(tokenizer, text, python_tag=python_tag, end=end)
+    if chat_format.decode_assistant(tokens).tool_calls:
+        assert all(chat_format.may_be_tool_call(tokens[:n]) for n in range(len(tokens) + 1))
+    elif not text.lstrip().startswith("{"):  # JSON that is not a call is only known at its end
+        assert not chat_format.may_be_tool_call(tokens)

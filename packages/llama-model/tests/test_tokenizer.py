@@ -210,3 +210,13 @@ def test_unknown_special_token_raises(tokenizer: Tokenizer) -> None:
     """token_id of an unknown string raises KeyError naming it."""
     with pytest.raises(KeyError, match="<\\|not_a_token\\|>"):
         tokenizer.token_id("<|not_a_token|>")
+
+
+def test_token_bytes_concatenate_to_the_utf8_text(tokenizer: Tokenizer) -> None:
+    """The bytes of each token, joined, are the UTF-8 text (a character split across tokens too)."""
+    text = "naïve café 東京 🦙"
+    ids = tokenizer.encode(text, bos=False, eos=False)
+    assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode()
+    assert tokenizer.token_bytes(tokenizer.eot_id) == b"<|eot_id|>"
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.token_bytes(tokenizer.vocab_size)

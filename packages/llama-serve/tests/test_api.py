@@ -18,6 +18,20 @@ EXPECTED = [
     "save_fp8_checkpoint",
     "load_fp8_checkpoint",
     "is_fp8_checkpoint",
+    "build_app",
+    "ServerConfig",
+    "serve_in_background",
+    "Backend",
+    "BackendLoad",
+    "NativeBackend",
+    "Shield",
+    "Verdict",
+    "LlamaGuardShield",
+    "RuleShield",
+    "LLAMA_GUARD_CATEGORIES",
+    "REFUSAL",
+    "llama_guard_prompt",
+    "parse_llama_guard",
 ]
 
 

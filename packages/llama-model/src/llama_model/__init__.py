@@ -2,9 +2,9 @@
 
 Configs and named sizes, the `Llama` module and its attention seam (the caller says which keys each
 query sees: causal, packed documents, segments, a mask, a KV cache, or its own backend),
-KV-cached generation, the tiktoken tokenizer, the Llama 3.1 chat format, checkpoint I/O in the
-Hugging Face and Meta layouts ("The Llama 3 Herd of Models", arXiv 2407.21783, §3.2 and Table 3),
-and the crash-safe file writes every package with torch uses.
+KV-cached generation, the tiktoken tokenizer, the Llama 3.1 chat format and its tool prompt,
+checkpoint I/O in the Hugging Face and Meta layouts ("The Llama 3 Herd of Models", arXiv
+2407.21783, §3.2 and Table 3), and the crash-safe file writes every package with torch uses.
 """
 
 from llama_model.atomic import atomic_write, publish_directory
@@ -37,6 +37,7 @@ from llama_model.initialization import init_parameters
 from llama_model.masks import document_positions
 from llama_model.model import Llama
 from llama_model.tokenizer import Tokenizer
+from llama_model.tool_prompt import LLAMA31_BUILTIN_TOOLS, with_tool_prompt
 
 __all__ = [
     # configuration and sizes
@@ -69,6 +70,9 @@ __all__ = [
     "Message",
     "ToolCall",
     "Tokenizer",
+    # tool calling (the Llama 3.1 tool prompt)
+    "LLAMA31_BUILTIN_TOOLS",
+    "with_tool_prompt",
     # checkpoints
     "load_checkpoint",
     "save_checkpoint",

@@ -14,6 +14,11 @@ assistant turn that waits for a tool result ends with `<|eom_id|>` instead of `<
 mask (which tokens SFT trains on) and the formatting mask (header and termination tokens, which
 the DPO loss of §4.1.4 of the Llama 3 paper, arXiv 2407.21783, leaves out).
 
+`ChatFormat.decode_assistant` parses a reply the way Meta's `decode_assistant_message_from_content`
+(`llama_models/llama3/chat_format.py` with `ToolUtils` of `tool_utils.py`) does, with a few
+deliberate differences listed at `_parse_tool_call` (chiefly: a JSON call may say `"arguments"`
+instead of `"parameters"`, where Meta's parser raises `KeyError`).
+
 `CHAT_TEMPLATE` is the same format as a Jinja2 chat template for Hugging Face's
 `tokenizer_config.json`; `Message.to_hf_dict` writes messages in the form it reads.
 """
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from llama_model.tokenizer import Tokenizer
 
@@ -48,6 +53,11 @@ _ROLES: tuple[str, ...] = ("system", "user", "assistant", "ipython")
 
 # A whole reply that is one built-in query call, e.g. `brave_search.call(query="weather")`.
 _BUILTIN_CALL = re.compile(r'(brave_search|wolfram_alpha|photogen)\.call\(query="([^"]*)"\)')
+# How such a call begins; a reply (leading whitespace aside) that neither begins so, nor with the
+# "{" of a JSON call, nor with <|python_tag|>, cannot be a tool call.
+_BUILTIN_CALL_STARTS = tuple(
+    f"{name}.call(" for name in ("brave_search", "wolfram_alpha", "photogen")
+)
 
 
 class ToolCall(BaseModel):
@@ -273,12 +283,17 @@ class ChatFormat:
     def decode_assistant(self, tokens: Sequence[int]) -> Message:
         """Parse the tokens of an assistant reply (those after its header) back into a `Message`.
 
-        A trailing `<|eom_id|>` sets `end_of_message`; a trailing `<|eot_id|>` or
-        `<|end_of_text|>` is dropped. A leading `<|python_tag|>` makes the rest a
-        `code_interpreter` call; otherwise a reply that is exactly one built-in call
-        (`brave_search.call(query="...")`) or one JSON function call
-        (`{"type": "function", "name": ..., "parameters": {...}}`) becomes that tool call. A
-        parsed tool call leaves the content empty.
+        A trailing `<|eom_id|>` sets `end_of_message` (the model waits for a tool result); a
+        trailing `<|eot_id|>` or `<|end_of_text|>` is dropped. A reply that is one tool call
+        (whitespace around it allowed) becomes that call with empty content:
+
+        - a built-in query call, `brave_search.call(query="...")` (or `wolfram_alpha`, `photogen`);
+        - a JSON function call, `{"name": ..., "parameters": {...}}`, with or without
+          `"type": "function"`; `"arguments"` may stand for `"parameters"` and may be a JSON
+          string holding the object.
+
+        After a leading `<|python_tag|>` the same two forms are parsed, and any other text is
+        `code_interpreter` code (kept verbatim). Any other reply is plain content.
         """
         tok = self.tokenizer
         ids = list(tokens)
@@ -288,13 +303,11 @@ class ChatFormat:
             end_of_message = True
         elif ids and ids[-1] in (tok.eot_id, tok.eos_id):
             ids.pop()
-        if ids and ids[0] == tok.python_tag_id:
-            code = ToolCall(name=CODE_INTERPRETER, arguments={"code": tok.decode(ids[1:])})
-            return Message(
-                role="assistant", content="", tool_calls=(code,), end_of_message=end_of_message
-            )
-        text = tok.decode(ids)
+        python_tag = bool(ids) and ids[0] == tok.python_tag_id
+        text = tok.decode(ids[1:] if python_tag else ids)
         call = _parse_tool_call(text)
+        if call is None and python_tag:
+            call = ToolCall(name=CODE_INTERPRETER, arguments={"code": text})
         return Message(
             role="assistant",
             content="" if call is not None else text,
@@ -302,24 +315,79 @@ class ChatFormat:
             end_of_message=end_of_message,
         )
 
+    def may_be_tool_call(self, tokens: Sequence[int]) -> bool:
+        """Whether an assistant reply that begins with `tokens` (still being generated) may
+        still decode to a tool call with `decode_assistant`.
+
+        True after a leading `<|python_tag|>`, and while the text, leading whitespace aside, is
+        empty, begins with "{" (a JSON call) or is on its way to a built-in call
+        (`brave_search.call(`...). A server streaming a reply holds its text back while this holds.
+        """
+        ids = list(tokens)
+        if ids and ids[0] == self.tokenizer.python_tag_id:
+            return True
+        text = self.tokenizer.decode(ids).lstrip()
+        if not text or text.startswith("{"):
+            return True
+        return any(
+            start.startswith(text) or text.startswith(start) for start in _BUILTIN_CALL_STARTS
+        )
+
 
 def _parse_tool_call(text: str) -> ToolCall | None:
-    """A tool call if `text` is exactly one built-in or JSON function call, else None."""
-    builtin = _BUILTIN_CALL.fullmatch(text)
+    """A tool call if `text` (stripped) is exactly one built-in or JSON function call, else None.
+
+    Where Meta's `decode_assistant_message_from_content` accepts a reply that is one call, this
+    gives the same call. It differs on purpose where Meta's parser fails or guesses:
+
+    - `"arguments"` is read where `"parameters"` is missing (Meta raises `KeyError`), also as a
+      JSON string holding an object, the way OpenAI writes arguments;
+    - a JSON object is a call only when `"name"` is a non-empty string, `"type"` is absent or
+      `"function"`, and the arguments are an object; otherwise the reply stays content (Meta
+      raises `KeyError` on `{"name": "Bob", "age": 3}`);
+    - a built-in call must be the whole reply (Meta's regex finds one anywhere in the text and
+      drops the text around it);
+    - the `<function=NAME>{...}</function>` form and Llama 3.2's Python-list form, which the
+      Llama 3.1 tool prompt does not ask for, are not parsed.
+
+    As in Meta's parser, a JSON call naming a built-in without its argument (`query`, or `code`
+    for `code_interpreter`) passes the first argument's value as that argument.
+    """
+    stripped = text.strip()
+    builtin = _BUILTIN_CALL.fullmatch(stripped)
     if builtin:
         return ToolCall(name=builtin[1], arguments={"query": builtin[2]})
     try:
-        parsed = json.loads(text)
-    except ValueError:
+        parsed = json.loads(stripped)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
-    if (
-        isinstance(parsed, dict)
-        and parsed.get("type") == "function"
-        and isinstance(parsed.get("name"), str)
-        and isinstance(parsed.get("parameters"), dict)
-    ):
-        return ToolCall(name=parsed["name"], arguments=parsed["parameters"])
-    return None
+    if not isinstance(parsed, dict):
+        return None
+    name = parsed.get("name")
+    if not isinstance(name, str) or not name or parsed.get("type", "function") != "function":
+        return None
+    if "parameters" in parsed:
+        arguments = parsed["parameters"]
+    elif "arguments" in parsed:
+        arguments = parsed["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError):
+                return None
+    else:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    required = BUILTIN_TOOLS.get(name)
+    if required is not None and required not in arguments and arguments:
+        # Meta's decode_assistant_message_from_content: a built-in called in the custom-tool
+        # format gets its first argument's value as its query.
+        arguments = {required: next(iter(arguments.values()))}
+    try:
+        return ToolCall(name=name, arguments=arguments)
+    except ValidationError:
+        return None
 
 
 # The Llama 3.1 format as a Hugging Face chat template (for `tokenizer_config.json`). It reads

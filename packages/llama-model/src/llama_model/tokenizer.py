@@ -243,6 +243,15 @@ class Tokenizer:
                 )
         return self._model.decode(ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a piece of a UTF-8 character, possibly); a special
+        token's bytes are its string's."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(
+                f"token id {token} is out of range: ids must be in [0, {self.vocab_size})"
+            )
+        return self._model.decode_single_token_bytes(token)
+
     def token_id(self, piece: str) -> int:
         """The id of a special-token string such as "<|eot_id|>"."""
         try:

