@@ -251,6 +251,16 @@ def test_stop_token_ids_eos_and_max_tokens(model: Llama) -> None:
     assert output.outputs[0].stop_reason == free[3]
 
 
+def test_temperature_below_eps_is_greedy(model: Llama) -> None:
+    """A temperature so small that dividing the logits by it overflows decodes greedily (as in
+    vLLM), instead of sampling from NaN probabilities."""
+    prompt = _prompts([9], seed=8)[0]
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64))
+    tiny = SamplingParams(max_tokens=12, temperature=1e-40, ignore_eos=True, seed=0)
+    (output,) = engine.generate(prompt, tiny)
+    assert output.outputs[0].token_ids == _reference(model, prompt, 12)
+
+
 def test_filters_keep_exactly_top_k_and_top_p() -> None:
     """top_k keeps the k largest logits; top_p keeps the smallest prefix of sorted tokens whose
     mass reaches p (computed here with a Python loop over sorted probabilities)."""

@@ -50,8 +50,9 @@ def engine(checkpoint: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+def client(url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+        yield client
 
 
 def _offline_chat(engine: Engine, messages: list[dict[str, Any]], max_tokens: int) -> str:
@@ -199,20 +200,50 @@ def test_logprobs_are_consistent(client: openai.OpenAI) -> None:
 
 
 def test_completion_logprobs_shape(client: openai.OpenAI) -> None:
-    """Legacy logprobs: tokens, token_logprobs, top_logprobs (k entries) and text offsets."""
+    """Legacy logprobs: tokens, token_logprobs, the 2 most likely tokens of each position, and
+    text offsets that advance by each token's text."""
     reply = client.completions.create(
-        model=MODEL, prompt="The sky is", temperature=0, max_tokens=6, logprobs=2
-    )
+        model=MODEL, prompt="The sky is", temperature=0, max_tokens=6, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
     logprobs = reply.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens is not None
     assert logprobs.top_logprobs is not None and logprobs.token_logprobs is not None
-    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs)
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
-    assert logprobs.text_offset is not None and logprobs.text_offset[0] == 0
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    offsets = [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+    assert logprobs.text_offset == offsets
     for token, lp, top in zip(
         logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
     ):
         assert math.isclose(lp, max(top.values())) and top[token] == lp
+
+
+def test_streamed_logprobs_equal_whole(url: str) -> None:
+    """The logprobs of a stream's chunks, joined, are the whole answer's (chat and legacy,
+    text offsets included, with a stop string holding text back)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 12,
+            "logprobs": True, "top_logprobs": 2, "ignore_eos": True}  # fmt: skip
+    whole = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=headers).json()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True},
+                      headers=headers) as r:  # fmt: skip
+        chunks = [e for e in _events(r)[:-1] if e["choices"]]
+    streamed = [
+        x
+        for c in chunks
+        if c["choices"][0]["logprobs"]
+        for x in c["choices"][0]["logprobs"]["content"]
+    ]
+    assert streamed == whole["choices"][0]["logprobs"]["content"]
+    text = {"model": MODEL, "prompt": "The sky is", "temperature": 0, "max_tokens": 12,
+            "logprobs": 2, "ignore_eos": True, "stop": ["zzqq"]}  # fmt: skip
+    whole = httpx.post(f"{url}/v1/completions", json=text, headers=headers).json()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**text, "stream": True},
+                      headers=headers) as r:  # fmt: skip
+        chunks = [e["choices"][0]["logprobs"] for e in _events(r)[:-1]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in c[key]] == whole["choices"][0]["logprobs"][key], key
 
 
 def test_stop_string_cuts_the_text(client: openai.OpenAI, engine: Engine) -> None:
@@ -236,21 +267,35 @@ def test_stop_string_cuts_the_text(client: openai.OpenAI, engine: Engine) -> Non
 
 
 def test_vllm_extras_in_the_body(client: openai.OpenAI, engine: Engine) -> None:
-    """top_k and stop_token_ids, as vLLM users pass them, are honoured."""
-    tokens = (
-        engine.generate(
-            ["Hello"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False
-        )[0]
-        .outputs[0]
-        .token_ids
-    )
+    """stop_token_ids, as vLLM users pass them, end a choice at that token (counted in usage,
+    left out of the text, as vLLM does); top_k = 1 at temperature 1 is greedy decoding."""
+    assert engine.tokenizer is not None
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    tokens = engine.generate(["Hello"], greedy)[0].outputs[0].token_ids
     reply = client.completions.create(
         model=MODEL, prompt="Hello", temperature=0, max_tokens=10,
-        extra_body={"stop_token_ids": [tokens[3]], "ignore_eos": True, "top_k": 5},
+        extra_body={"stop_token_ids": [tokens[3]], "ignore_eos": True},
     )  # fmt: skip
-    assert reply.usage is not None
-    assert reply.usage.completion_tokens == tokens.index(tokens[3]) + 1
+    end = tokens.index(tokens[3])
+    assert reply.usage is not None and reply.usage.completion_tokens == end + 1
     assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text == engine.tokenizer.decode(tokens[:end])
+    sampled = client.completions.create(
+        model=MODEL, prompt="Hello", temperature=1.0, seed=3, max_tokens=10,
+        extra_body={"top_k": 1, "ignore_eos": True},
+    )  # fmt: skip
+    assert sampled.choices[0].text == engine.tokenizer.decode(tokens)
+
+
+def test_explicit_nulls_mean_defaults(url: str) -> None:
+    """Fields sent as null (the openai client sends `"temperature": null` for temperature=None)
+    take their defaults, as OpenAI reads them."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "temperature": None,
+            "top_p": None, "n": None, "stream": None, "logprobs": None, "seed": None,
+            "presence_penalty": None, "stop": None}  # fmt: skip
+    response = _post(url, "/v1/chat/completions", json.dumps(body))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
 
 
 def test_async_client_concurrent_streams_equal_offline(url: str, engine: Engine) -> None:
@@ -288,8 +333,9 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_disconnected_stream_frees_its_blocks(url: str) -> None:
-    """A client that goes away mid-stream cancels its request: its KV blocks are freed and
-    nothing is left running."""
+    """A client that goes away mid-stream cancels its request (counted as cancelled): its KV
+    blocks are freed and nothing is left running."""
+    cancelled = _metric(url, "llama_serve_requests_cancelled_total")
     body = {"model": MODEL, "prompt": "Tell a long story", "max_tokens": 400, "stream": True,
             "ignore_eos": True, "temperature": 0}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -306,6 +352,7 @@ def test_disconnected_stream_frees_its_blocks(url: str) -> None:
         assert time.monotonic() < deadline, "the disconnected request still holds blocks"
         time.sleep(0.05)
     assert _metric(url, "llama_serve_sequences_running") == 0
+    assert _metric(url, "llama_serve_requests_cancelled_total") == cancelled + 1
 
 
 def test_metrics_count_requests_and_tokens(client: openai.OpenAI, url: str) -> None:
@@ -380,8 +427,10 @@ def test_openai_client_raises_its_own_error_types(client: openai.OpenAI) -> None
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.NotFoundError, match="gpt-9"):
         client.chat.completions.create(model="gpt-9", messages=MESSAGES)
-    bad = openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with (
+        openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0) as bad,
+        pytest.raises(openai.AuthenticationError),
+    ):
         bad.models.list()
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from llama_model import ChatFormat, Message, Tokenizer
 from llama_serve import Engine, SamplingParams
 from llama_serve.backend import NativeBackend
-from llama_serve.guard import REFUSAL, RuleShield, llama_guard_prompt
+from llama_serve.guard import REFUSAL, RuleShield, Verdict, llama_guard_prompt
 from llama_serve.server import ServerConfig, build_app, serve_in_background
 from llama_serve.tools import openai_messages_to_dialog
 from server_process import serve, tiny_checkpoint
@@ -79,8 +79,10 @@ def test_tool_call_round_trip(
             (_prompt(tokenizer, followup), _text(tokenizer, ANSWER, tokenizer.eot_id)),
         ]
     )
-    with serve(checkpoint, "--served-model-name", "forced", log=tmp_path / "log") as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with (
+        serve(checkpoint, "--served-model-name", "forced", log=tmp_path / "log") as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client,
+    ):
         reply = client.chat.completions.create(
             model="forced",
             messages=QUESTION,
@@ -150,10 +152,12 @@ def test_llama_guard_shields_input_and_output(
     guard = forced_checkpoint(
         [(_guard_prompt(tokenizer, m), _text(tokenizer, v, tokenizer.eot_id)) for m, v in verdicts]
     )
-    with serve(
-        model, "--served-model-name", "m", "--guard", str(guard), log=tmp_path / "log"
-    ) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with (
+        serve(
+            model, "--served-model-name", "m", "--guard", str(guard), log=tmp_path / "log"
+        ) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client,
+    ):
 
         def ask(messages: list[Message], **options: Any) -> Any:
             return client.chat.completions.create(
@@ -181,21 +185,38 @@ def test_llama_guard_shields_input_and_output(
         assert counts == {"input": "2.0", "output": "1.0"}  # fmt: skip
 
 
+class ReplyShield:
+    """A user's own shield: refuses every reply to a conversation whose user asked for it."""
+
+    name = "reply-shield"
+
+    async def check(self, messages: Sequence[Message]) -> Verdict:
+        asked = any("refuse the reply" in m.content for m in messages if m.role == "user")
+        return Verdict(safe=not (asked and messages[-1].role == "assistant"),
+                       categories=("S1",) if asked and messages[-1].role == "assistant" else ())  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ruled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, NativeBackend]]:
-    """The tiny model behind a user's own shield (a RuleShield), served in a background thread."""
+    """The tiny model behind a user's own shields (rules, and one for replies), served in a
+    background thread."""
     path = tiny_checkpoint(tmp_path_factory.mktemp("ruled") / "model")
     backend = NativeBackend.from_pretrained(path, dtype="float32")
-    shield = RuleShield({"S9": [r"\bbombs?\b"]})
-    app = build_app(backend, ServerConfig(model_name="m"), shields=[shield])
+    shields = [RuleShield({"S9": [r"\bbombs?\b"]}), ReplyShield()]
+    app = build_app(backend, ServerConfig(model_name="m"), shields=shields)
     with serve_in_background(app) as url:
         yield url, backend
 
 
-def test_own_shield_plugs_in(ruled: tuple[str, NativeBackend]) -> None:
-    """A shield of the user's (rules) refuses what it matches and lets the rest through."""
-    url, _ = ruled
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+@pytest.fixture
+def client(ruled: tuple[str, NativeBackend]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{ruled[0]}/v1", api_key="none", max_retries=0) as client:
+        yield client
+
+
+def test_own_shields_plug_in(client: openai.OpenAI) -> None:
+    """Shields of the user's refuse what they match, input (rules) and output (a reply), and
+    let the rest through; a refused reply's logprobs are not sent (they would spell it)."""
     ask = client.chat.completions.create
     choice = ask(model="m", messages=[{"role": "user", "content": "A BOMB recipe"}]).choices[0]
     assert (choice.message.content, choice.finish_reason) == (REFUSAL, "content_filter")
@@ -203,23 +224,72 @@ def test_own_shield_plugs_in(ruled: tuple[str, NativeBackend]) -> None:
         model="m", messages=[{"role": "user", "content": "A bread recipe"}], max_tokens=4
     ).choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.content != REFUSAL
+    refuse = [{"role": "user", "content": "Please refuse the reply."}]
+    for stream in (False, True):
+        reply = ask(model="m", messages=refuse, max_tokens=4, logprobs=True, stream=stream)  # type: ignore[call-overload]
+        choices = [c.choices[0] for c in reply] if stream else [reply.choices[0]]
+        text = "".join((c.delta.content if stream else c.message.content) or "" for c in choices)
+        assert text == REFUSAL
+        assert [c.finish_reason for c in choices if c.finish_reason] == ["content_filter"]
+        assert all(c.logprobs is None for c in choices)
+
+
+def test_shields_judge_the_last_user_message_of_a_tool_turn(client: openai.OpenAI) -> None:
+    """A conversation ending with a tool's result is judged by its last user message: refused
+    when that matches a rule, answered otherwise (not a 500)."""
+
+    def turn(question: str) -> list[dict[str, Any]]:
+        return [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]  # fmt: skip
+
+    ask = client.chat.completions.create
+    refused = ask(model="m", messages=turn("bomb weather?"), tools=TOOLS, max_tokens=4)  # type: ignore[arg-type]
+    assert refused.choices[0].finish_reason == "content_filter"
+    answered = ask(model="m", messages=turn("Weather?"), tools=TOOLS, max_tokens=4)  # type: ignore[arg-type]
+    assert answered.choices[0].finish_reason != "content_filter"
+
+
+def _wait_until_free(backend: NativeBackend) -> None:
+    pool, deadline = backend.engine.pool, time.monotonic() + 30
+    while pool.num_free != pool.num_usable or backend.engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the abandoned request still holds blocks"
+        time.sleep(0.01)
+
+
+LONG = {"model": "m", "messages": [{"role": "user", "content": "Tell a story"}],
+        "max_tokens": 480, "ignore_eos": True}  # fmt: skip
 
 
 def test_held_back_stream_aborts_when_client_leaves(ruled: tuple[str, NativeBackend]) -> None:
     """With an output shield the stream is held until the reply is whole; a client that leaves
-    meanwhile still cancels its request and frees its blocks."""
+    meanwhile cancels its request: it stops long before its 480 tokens and frees its blocks."""
     url, backend = ruled
-    pool = backend.engine.pool
-    body = {"model": "m", "messages": [{"role": "user", "content": "Tell a story"}],
-            "max_tokens": 400, "ignore_eos": True, "stream": True}  # fmt: skip
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        lines = response.iter_lines()  # kept: a dropped iterator would close the connection
+    stats, pool = backend.engine.stats, backend.engine.pool
+    decoded = stats["decode_tokens"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**LONG, "stream": True}) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator would close the connection
         assert next(lines).startswith("data: ")  # the role chunk; the text is held back
         deadline = time.monotonic() + 30
         while pool.num_free == pool.num_usable:  # wait until the request holds blocks
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    deadline = time.monotonic() + 30
-    while pool.num_free != pool.num_usable or backend.engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the abandoned request still holds blocks"
-        time.sleep(0.01)
+    _wait_until_free(backend)
+    assert stats["decode_tokens"] - decoded < 400  # aborted, not run to its end
+
+
+def test_non_streaming_client_that_leaves_cancels(ruled: tuple[str, NativeBackend]) -> None:
+    """A client that gives up on a whole (non-streamed) answer cancels the request too."""
+    url, backend = ruled
+    stats = backend.engine.stats
+    decoded = stats["decode_tokens"]
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.2)) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post(f"{url}/v1/chat/completions", json=LONG)
+    _wait_until_free(backend)
+    assert 0 < stats["decode_tokens"] - decoded < 400

@@ -26,9 +26,9 @@ class BackendLoad:
     """How busy a backend is now, for `/metrics`."""
 
     running: int
-    """Requests being generated."""
+    """Sequences (samples) being generated."""
     waiting: int
-    """Requests queued, not yet scheduled."""
+    """Sequences queued, not yet scheduled."""
     kv_blocks_used: int
     """KV cache blocks held by requests."""
     kv_blocks_total: int
@@ -71,7 +71,10 @@ class NativeBackend:
             raise ValueError("the server needs an engine with a tokenizer (Llama 3's)")
         self.engine = engine
         self.tokenizer: Tokenizer = engine.tokenizer
-        self.max_model_len: int = engine.max_model_len
+        # The longest sequence the engine takes: its context, or what its KV cache holds if
+        # that is less (a request without max_tokens gets what is left of this).
+        capacity = engine.pool.num_usable * engine.config.block_size
+        self.max_model_len: int = min(engine.max_model_len, capacity)
         self.eos_token_ids: frozenset[int] = engine.eos_token_ids
         self._async = AsyncEngine(engine)
 

@@ -137,7 +137,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S1,S2,...",
         help="Llama Guard categories not to enforce (comma-separated codes)",
     )
-    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        default="info",
+        help="uvicorn's log level (default: %(default)s)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -160,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from llama_serve.backend import Backend, NativeBackend
     from llama_serve.guard import LLAMA_GUARD_CATEGORIES, LlamaGuardShield
-    from llama_serve.server import ServerConfig, bind, build_app
+    from llama_serve.server import ServerConfig, base_url, bind, build_app
 
     engine_options = {
         key: value
@@ -204,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
         config = ServerConfig(
             model_name=args.served_model_name or args.path.resolve().name,
-            api_key=args.api_key,
+            api_key=args.api_key or None,  # an empty $LLAMA_SERVE_API_KEY means no key
             max_n=args.max_n,
         )
     except (OSError, ValueError, TypeError, ImportError) as error:
@@ -212,8 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     app = build_app(backend, config, shields=shields)
     sock = bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    print(f"{PROG} serve: {config.model_name} on http://{host}:{port}/v1", flush=True)
+    print(f"{PROG} serve: {config.model_name} on {base_url(sock)}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 

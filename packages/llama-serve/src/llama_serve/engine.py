@@ -516,7 +516,10 @@ class Engine:
         outputs = []
         for sample in request.samples:
             text = sample.text
-            if not (sample.finish_reason == "stop" and isinstance(sample.stop_reason, str)):
+            if sample.finish_reason == "stop" and isinstance(sample.stop_reason, int):
+                # A stop token id is kept in token_ids, not in the text (as in vLLM).
+                text = self._text(sample.output[:-1], request.params)
+            elif not (sample.finish_reason == "stop" and isinstance(sample.stop_reason, str)):
                 text = self._text(sample.output, request.params)
             outputs.append(
                 CompletionOutput(

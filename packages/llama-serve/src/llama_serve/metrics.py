@@ -53,6 +53,11 @@ class ServerMetrics:
         self.kv_blocks_total = Gauge(
             "llama_serve_kv_blocks_total", "KV cache blocks of the engine.", registry=r
         )
+        self.cancelled = Counter(
+            "llama_serve_requests_cancelled",
+            "Generation requests stopped before they finished (the client went away, or an error).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "llama_serve_requests_in_flight", "Generation requests being answered.", registry=r
         )

@@ -16,6 +16,8 @@ from llama_model import format_validation_error
 
 __all__ = ["CompletionOutput", "FinishReason", "RequestOutput", "SamplingParams"]
 
+_SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy decoding
+
 
 class SamplingParams(BaseModel):
     """How to continue one prompt: vLLM's sampling parameters, validated on construction."""
@@ -30,7 +32,8 @@ class SamplingParams(BaseModel):
     """The most tokens to generate per sample (vLLM's default, 16)."""
 
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    """Softmax temperature; 0 is greedy decoding (argmax), which ignores top_p, top_k and seed."""
+    """Softmax temperature; 0 (or below 1e-5) is greedy decoding (argmax), which ignores top_p,
+    top_k and seed."""
 
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling (Holtzman et al. 2019): sample from the smallest set of most likely tokens
@@ -93,7 +96,9 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether this is greedy decoding: temperature 0, or one so small (below vLLM's
+        `_SAMPLING_EPS`, 1e-5) that dividing the logits by it would overflow."""
+        return self.temperature < _SAMPLING_EPS
 
 
 FinishReason = str

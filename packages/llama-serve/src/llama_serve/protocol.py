@@ -73,12 +73,32 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     """Send a last chunk with `usage` and `choices: []` before `data: [DONE]`."""
+    include_obfuscation: bool | None = None
+    """OpenAI pads stream chunks against side channels when true; accepted, not done here."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+def _drop_nulls(data: Any) -> Any:
+    """An explicit null means "the default", as OpenAI reads it (the `openai` client sends
+    `"temperature": null` when a caller passes `temperature=None`)."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
 
 
 class _Request(BaseModel):
     """The fields chat and text completions share."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
 
     model: str
     """The served model's name (`GET /v1/models`)."""
@@ -91,7 +111,7 @@ class _Request(BaseModel):
     """Nucleus sampling: keep the most likely tokens whose probability reaches top_p."""
     n: int = Field(default=1, ge=1)
     """Choices to generate for the prompt (they share its KV cache)."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 2**16)
     """Makes sampling reproducible (choice i draws with seed + i)."""
     stop: str | list[str] | None = None
     """Up to 4 strings that end a choice; the text is cut before them."""
@@ -110,7 +130,7 @@ class _Request(BaseModel):
     # vLLM's extras, which its users pass in the body (`extra_body` of the openai client).
     top_k: int = Field(default=-1, ge=-1)
     """Sample from the k most likely tokens only; -1 or 0 keeps every token (vLLM extra)."""
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     """Token ids that end a choice, besides the model's end-of-turn ids (vLLM extra)."""
     ignore_eos: bool = False
     """Keep generating past the model's end-of-turn ids (vLLM extra)."""
