@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import selectors
 import subprocess
 import sys
 import time
@@ -40,10 +39,10 @@ def serve(checkpoint: Path, *args: str, log: Path) -> Iterator[str]:
         *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Both streams go to the log (a pipe nobody reads after start-up would fill and block a
+    # chatty server); the URL line is read from the log.
     with log.open("w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env
-        )
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
             yield _wait_for_url(process, log)
         finally:
@@ -53,25 +52,16 @@ def serve(checkpoint: Path, *args: str, log: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
 
 
-def _wait_for_url(process: subprocess.Popen[str], log: Path) -> str:
-    assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
+def _wait_for_url(process: subprocess.Popen[bytes], log: Path) -> str:
     deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=1.0):
-            if process.poll() is not None:
-                break
-            continue
-        line = process.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"on (http://\S+?)/v1", line)
+    while time.monotonic() < deadline and process.poll() is None:
+        match = re.search(
+            r"llama-serve serve: \S+ on (http://\S+?)/v1", log.read_text(errors="replace")
+        )
         if match:
             return match[1]
+        time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-4000:]}")
