@@ -24,6 +24,7 @@ EXPECTED = [
     "Backend",
     "BackendLoad",
     "NativeBackend",
+    "VllmBackend",
     "Shield",
     "Verdict",
     "LlamaGuardShield",

@@ -28,6 +28,7 @@ from llama_serve.guard import (
 )
 from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 from llama_serve.server import ServerConfig, build_app, serve_in_background
+from llama_serve.vllm_backend import VllmBackend  # imports vLLM only when one is built
 
 __all__ = [
     # the engine
@@ -50,6 +51,7 @@ __all__ = [
     "Backend",
     "BackendLoad",
     "NativeBackend",
+    "VllmBackend",
     # guard shields (§5.4.7)
     "Shield",
     "Verdict",
