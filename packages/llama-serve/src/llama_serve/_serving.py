@@ -235,16 +235,7 @@ class Serving:
                     "finish_reason": finish_reason,
                 }
             )
-        return JSONResponse(
-            {
-                "id": job.id,
-                "object": "chat.completion",
-                "created": job.created,
-                "model": self.config.model_name,
-                "choices": choices,
-                "usage": _usage(outputs),
-            }
-        )
+        return self._answer(job, "chat.completion", choices, _usage(outputs))
 
     async def _input_refused(self, dialog: list[Message]) -> bool:
         """Whether a shield refuses the conversation's last user message (judged with what came
@@ -288,10 +279,16 @@ class Serving:
             }
             for index in range(body.n)
         ]
+        return self._answer(job, "chat.completion", choices, usage)
+
+    def _answer(
+        self, job: _Job, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]
+    ) -> JSONResponse:
+        """A whole (non-streamed) answer: OpenAI's `chat.completion` or `text_completion`."""
         return JSONResponse(
             {
                 "id": job.id,
-                "object": "chat.completion",
+                "object": kind,
                 "created": job.created,
                 "model": self.config.model_name,
                 "choices": choices,
@@ -428,16 +425,7 @@ class Serving:
             for prompt_index, result in enumerate(outputs)
             for output in result.outputs
         ]
-        return JSONResponse(
-            {
-                "id": job.id,
-                "object": "text_completion",
-                "created": job.created,
-                "model": self.config.model_name,
-                "choices": choices,
-                "usage": _usage(outputs),
-            }
-        )
+        return self._answer(job, "text_completion", choices, _usage(outputs))
 
     async def _completion_events(
         self, job: _Job, body: CompletionRequest
