@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -379,10 +381,10 @@ def test_refuses_bf16_layer_not_listed(fp8_dir: Path) -> None:
 
 
 def test_refuses_to_save_an_unquantized_or_uncapped_model(tmp_path: Path) -> None:
-    """save_fp8_checkpoint needs FP8 layers, and a finite activation_scale_ub (JSON has no inf)."""
+    """save_fp8_checkpoint needs FP8 layers, and for fbgemm_fp8 a finite activation_scale_ub."""
     with pytest.raises(ValueError, match=r"no Fp8RowwiseLinear.*quantize_fp8"):
         save_fp8_checkpoint(_bf16_llama(), tmp_path / "a")
-    with pytest.raises(ValueError, match="must be finite"):
+    with pytest.raises(ValueError, match=r"fbgemm_fp8 records a finite.*scale_ub=inf"):
         save_fp8_checkpoint(quantize_fp8(_bf16_llama(), scale_ub=math.inf), tmp_path / "b")
     assert not any(tmp_path.iterdir())
 
@@ -437,6 +439,19 @@ def test_cli_quantize_end_to_end(
     assert torch.equal(_logits(loaded), _logits(expected))
 
 
+def test_cli_quantize_compressed_tensors(tmp_path: Path, bf16_dir: Path) -> None:
+    """`--format compressed-tensors` writes that layout: the recipe's model without the
+    activation bound, equal to quantize_fp8(scale_ub=inf) of SRC."""
+    dst = tmp_path / "dst"
+    assert main(["quantize", str(bf16_dir), str(dst), "--format", "compressed-tensors"]) == 0
+    assert _quantization_config(dst)["quant_method"] == "compressed-tensors"
+    expected = quantize_fp8(load_checkpoint(bf16_dir, dtype=torch.bfloat16), scale_ub=math.inf)
+    loaded = load_fp8_checkpoint(dst)
+    for name, tensor in expected.state_dict().items():
+        assert _same_bits(loaded.state_dict()[name], tensor), name
+    assert torch.equal(_logits(loaded), _logits(expected))
+
+
 def test_cli_no_skip_first_last_and_scale_ub(tmp_path: Path, bf16_dir: Path) -> None:
     """--no-skip-first-last quantizes every layer's MLP; --scale-ub is recorded."""
     dst = tmp_path / "dst"
@@ -459,6 +474,10 @@ def test_cli_no_skip_first_last_and_scale_ub(tmp_path: Path, bf16_dir: Path) -> 
         (["{src}", "out", "--scale-ub", "0"], "--scale-ub must be a finite number > 0.*got 0.0"),
         (["{src}", "out", "--scale-ub", "nan"], "--scale-ub must be.*got nan"),
         (["{fp8}", "out"], "is already an FP8 checkpoint"),
+        (
+            ["{src}", "out", "--format", "compressed-tensors", "--scale-ub", "1200"],
+            "--scale-ub does not apply to --format compressed-tensors",
+        ),
     ],
 )
 def test_cli_usage_errors(
@@ -544,3 +563,224 @@ def test_save_refuses_a_target_that_holds_no_checkpoint(tmp_path: Path) -> None:
     a_file.write_text("x")
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         save_fp8_checkpoint(_fp8_llama(), a_file)
+
+
+# --------------------------------------------------------------------------------------------
+# compressed-tensors: the layout vLLM prefers (llm-compressor's FP8_DYNAMIC), no activation bound
+
+# What compressed-tensors 0.17.0 (the release vLLM 0.32 pins) writes into config.json for
+# llm-compressor's FP8_DYNAMIC scheme targeting Linear: transcribed from
+# `ModelCompressor.update_config` run on a transformers Llama with §6.2's layers quantized
+# (test_fp8_compressed_vllm.py reruns that comparison wherever compressed-tensors is installed).
+CT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+CT_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # LlamaMLP's order, not ours
+FP8_DYNAMIC_ARGS: dict[str, Any] = {"actorder": None, "block_structure": None, "group_size": None, "num_bits": 8,
+                    "observer_kwargs": {}, "scale_dtype": None, "symmetric": True,
+                    "type": "float", "zp_dtype": None}  # fmt: skip
+EXPECTED_CT_CONFIG = {
+    "config_groups": {
+        "group_0": {
+            "format": "float-quantized",
+            "input_activations": FP8_DYNAMIC_ARGS
+            | {"dynamic": True, "observer": None, "strategy": "token"},
+            "output_activations": None,
+            "targets": ["Linear"],
+            "weights": FP8_DYNAMIC_ARGS
+            | {"dynamic": False, "observer": "memoryless_minmax", "strategy": "channel"},
+        }
+    },
+    "format": "float-quantized",
+    "global_compression_ratio": None,
+    "ignore": [  # every bf16 linear layer, in transformers' module order; lm_head last
+        *(f"model.layers.0.{p}" for p in (*CT_ATTENTION, *CT_MLP)),
+        *(f"model.layers.{i}.{p}" for i in (1, 2) for p in CT_ATTENTION),
+        *(f"model.layers.3.{p}" for p in (*CT_ATTENTION, *CT_MLP)),
+        "lm_head",
+    ],
+    "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+    "sparsity_config": {},
+    "transform_config": {},
+    "version": "0.17.0",
+}
+
+
+def _uncapped_llama(seed: int = 0, **overrides: object) -> Llama:
+    """§6.2's recipe without the activation bound: what a compressed-tensors checkpoint holds."""
+    return quantize_fp8(_bf16_llama(seed, **overrides), scale_ub=math.inf)
+
+
+@pytest.fixture
+def ct_dir(tmp_path: Path) -> Path:
+    """The uncapped recipe's compressed-tensors checkpoint of the 4-layer model."""
+    return save_fp8_checkpoint(_uncapped_llama(), tmp_path / "ct", format="compressed-tensors")
+
+
+def test_ct_config_is_llm_compressors_fp8_dynamic(ct_dir: Path) -> None:
+    """config.json's quantization_config is, key for key and in order of `ignore`, what
+    compressed-tensors writes for FP8_DYNAMIC with §6.2's bf16 layers ignored."""
+    assert _quantization_config(ct_dir) == EXPECTED_CT_CONFIG
+    assert json.loads((ct_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_ct_tensors_are_the_fbgemm_checkpoints(tmp_path: Path) -> None:
+    """Both formats store the same tensors, bit for bit: only the quantization_config differs."""
+    fbgemm = _tensors(save_fp8_checkpoint(_fp8_llama(), tmp_path / "fbgemm"))
+    ct = _tensors(save_fp8_checkpoint(_uncapped_llama(), tmp_path / "ct", format="compressed-tensors"))  # fmt: skip
+    assert fbgemm.keys() == ct.keys()
+    for name, tensor in fbgemm.items():
+        assert _same_bits(ct[name], tensor), name
+
+
+def test_ct_round_trip_is_bit_identical_and_uncapped(tmp_path: Path) -> None:
+    """save → load gives FP8 layers in the same places with no activation bound (scale_ub inf),
+    the same bits, and the in-memory uncapped model's logits."""
+    model = _uncapped_llama()
+    loaded = load_fp8_checkpoint(
+        save_fp8_checkpoint(model, tmp_path / "ct", format="compressed-tensors")
+    )
+    fp8 = {n: m for n, m in loaded.named_modules() if isinstance(m, Fp8RowwiseLinear)}
+    assert sorted(fp8) == sorted(f"layers.{i}.feed_forward.w{j}" for i in (1, 2) for j in (1, 2, 3))
+    assert {m.scale_ub for m in fp8.values()} == {math.inf}
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert _same_bits(got[name], tensor), name
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_ct_load_applies_no_bound_where_activations_exceed_1200(tmp_path: Path) -> None:
+    """With an input to an FP8 layer above 1200 (layer 1's up projection scaled by 2**14 and its
+    down projection by 2**-14: the same bf16 function), the loaded compressed-tensors model has
+    the uncapped model's logits, not those of the model capped at 1200."""
+
+    def scaled(scale_ub: float) -> Llama:
+        model = _bf16_llama()
+        with torch.no_grad():
+            model.get_parameter("layers.1.feed_forward.w3.weight").mul_(2.0**14)
+            model.get_parameter("layers.1.feed_forward.w2.weight").mul_(2.0**-14)
+        return quantize_fp8(model, scale_ub=scale_ub)
+
+    uncapped, capped = scaled(math.inf), scaled(1200.0)
+    seen: list[float] = []
+    capped.get_submodule("layers.1.feed_forward.w2").register_forward_pre_hook(
+        lambda _, inputs: seen.append(float(inputs[0].abs().max()))
+    )
+    capped_logits = _logits(capped)
+    assert max(seen) > 1200  # the bound binds in the capped model
+    directory = save_fp8_checkpoint(uncapped, tmp_path / "ct", format="compressed-tensors")
+    loaded_logits = _logits(load_fp8_checkpoint(directory))
+    assert torch.equal(loaded_logits, _logits(uncapped))
+    assert not torch.equal(loaded_logits, capped_logits)
+
+
+def test_ct_engine_serves_it_as_the_uncapped_recipe(ct_dir: Path) -> None:
+    """Engine.from_pretrained serves a compressed-tensors checkpoint in FP8 from its stored
+    weights, with the greedy tokens of the uncapped recipe applied in memory."""
+    from llama_serve import Engine, SamplingParams
+
+    prompts = [[1, 2, 3, 4], [50, 40, 30]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in Engine(_uncapped_llama()).generate(prompts, params)]
+    engine = Engine.from_pretrained(ct_dir, dtype="bfloat16", device="cpu")
+    fp8 = [m for m in engine.model.modules() if isinstance(m, Fp8RowwiseLinear)]
+    assert len(fp8) == 6 and {m.scale_ub for m in fp8} == {math.inf}
+    assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == expected
+
+
+def test_is_fp8_checkpoint_reads_compressed_tensors(ct_dir: Path) -> None:
+    """True for compressed-tensors with 8-bit float weights; False for an INT8 (W8A8) one."""
+    assert is_fp8_checkpoint(ct_dir)
+    _edit_ct(ct_dir, lambda q: q["config_groups"]["group_0"]["weights"].update(type="int"))
+    assert not is_fp8_checkpoint(ct_dir)
+
+
+def test_ct_reads_hand_written_configs_and_bf16_scales(tmp_path: Path, ct_dir: Path) -> None:
+    """A minimal hand-written config (compressed-tensors' defaults for omitted fields, `ignore`
+    as "re:" patterns, the older "naive-quantized" format name) and bf16 weight scales (as
+    llm-compressor writes them) load: the same FP8 layers, each scale the bf16 value widened to
+    float32."""
+    group = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+    }
+    config = json.loads((ct_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "naive-quantized",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head", "re:.*self_attn.*", r"re:model\.layers\.(0|3)\.mlp\."],
+    }
+    (ct_dir / "config.json").write_text(json.dumps(config))
+    scale = f"{GATE}.weight_scale"
+    bf16_scale = _tensors(ct_dir)[scale].to(torch.bfloat16)
+    _rewrite(ct_dir, {scale: bf16_scale})
+    loaded = load_fp8_checkpoint(ct_dir)
+    fp8 = {n: m for n, m in loaded.named_modules() if isinstance(m, Fp8RowwiseLinear)}
+    assert len(fp8) == 6
+    assert torch.equal(fp8["layers.1.feed_forward.w1"].weight_scale, bf16_scale.float().flatten())
+
+
+def _edit_ct(directory: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    edit(config["quantization_config"])
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _group(q: dict[str, Any]) -> dict[str, Any]:
+    group = q["config_groups"]["group_0"]
+    assert isinstance(group, dict)
+    return group
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda q: _group(q)["weights"].update(strategy="tensor"),
+         r"group_0\.weights\.strategy is 'tensor'.*FP8_DYNAMIC.*'channel'"),
+        (lambda q: _group(q)["weights"].update(num_bits=4), r"weights\.num_bits is 4"),
+        (lambda q: _group(q)["input_activations"].update(dynamic=False, strategy="tensor"),
+         r"input_activations\.strategy is 'tensor'"),
+        (lambda q: _group(q)["input_activations"].update(dynamic=False),
+         r"input_activations\.dynamic is False"),
+        (lambda q: _group(q).update(input_activations=None),
+         r"input_activations must be an object"),  # weight-only FP8 (W8A16)
+        (lambda q: _group(q).update(output_activations={"num_bits": 8}),
+         r"output_activations is .*must be null"),
+        (lambda q: q.update(format="pack-quantized") or _group(q).pop("format"),
+         r"group_0 has format 'pack-quantized'; llama-serve reads 'float-quantized'"),
+        (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
+         r"kv_cache_scheme is .*without one"),
+        (lambda q: q.update(transform_config={"config_groups": {}}), r"transform_config is"),
+        (lambda q: q.update(config_groups={}), r"config_groups must be a non-empty object"),
+        (lambda q: _group(q).update(targets=[]), r"targets must be a list"),
+        (lambda q: q.update(ignore=["re:(unclosed"]), r"ignore entry 're:\(unclosed' is not a"),
+        (lambda q: q.update(ignore=[*q["ignore"], GATE]),
+         rf"'{GATE}.weight' is .*float8.* but quantization_config.ignore names '{GATE}' \(compressed-tensors"),
+        (lambda q: q["ignore"].remove("lm_head"),
+         r"'lm_head.weight' is torch.bfloat16 but quantization_config.ignore does not name"),
+        (lambda q: _group(q).update(targets=[r"re:.*\.(gate|up)_proj$"]),
+         r"down_proj.weight' is .*float8.* but no quantization_config.config_groups target "
+         "matches"),
+    ],
+)  # fmt: skip
+def test_ct_refuses_what_vllm_would_read_differently(
+    ct_dir: Path, edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    """A compressed-tensors config with another scheme or format, extra quantization, bad
+    targets or ignore entries, or one that disagrees with the tensors is refused by field."""
+    _edit_ct(ct_dir, edit)
+    with pytest.raises(ValueError, match=message):
+        load_fp8_checkpoint(ct_dir)
+
+
+def test_ct_refuses_to_save_a_capped_model_and_unknown_formats(tmp_path: Path) -> None:
+    """compressed-tensors cannot record §6.2's bound, so a capped model is refused (not written
+    with the bound silently dropped); an unknown format is refused by name; nothing is written."""
+    with pytest.raises(ValueError, match=r"no activation scale bound.*cap it at 1200.0.*math.inf"):
+        save_fp8_checkpoint(_fp8_llama(), tmp_path / "a", format="compressed-tensors")
+    with pytest.raises(ValueError, match=r"format must be one of 'fbgemm_fp8', 'compressed-tensors', got 'gguf'"):  # fmt: skip
+        save_fp8_checkpoint(_fp8_llama(), tmp_path / "b", format="gguf")  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())

@@ -5,7 +5,8 @@ whose blocks the samples of one prompt share (§4.2.2), automatic prefix caching
 batching with chunked prefill and preemption by recomputation, and per-request seeded sampling.
 And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llama_model.Llama` run
 in FP8, on top of `llama_kernels.Fp8RowwiseLinear`, and FP8 checkpoints in the `fbgemm_fp8` layout
-Meta released Llama 3.1 405B Instruct FP8 in (`save_fp8_checkpoint`, `llama-serve quantize`).
+Meta released Llama 3.1 405B Instruct FP8 in or in compressed-tensors' FP8 layout
+(`save_fp8_checkpoint`, `llama-serve quantize`).
 And the OpenAI-compatible server (`build_app`, `llama-serve serve`) over a `Backend` (this
 engine, `NativeBackend`, or vLLM's), with Llama 3.1 tool calls and guard shields (§5.4.7:
 `LlamaGuardShield`, or any `Shield`).

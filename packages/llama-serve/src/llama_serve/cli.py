@@ -5,11 +5,12 @@
 of `llama_serve.server` (uvicorn), on this package's engine or on vLLM's; it prints the URL once
 it listens.
 
-`llama-serve quantize SRC DST [--no-skip-first-last] [--scale-ub 1200]` loads the checkpoint SRC
-(Hugging Face or Meta layout) in bf16, applies §6.2's FP8 recipe (`llama_serve.quantize_fp8`) and
-writes DST in the `fbgemm_fp8` layout of Llama 3.1 405B Instruct FP8
-(`llama_serve.fp8_checkpoint`), with SRC's tokenizer files and `generation_config.json` copied
-as they are. A thin entry point: parse, load, quantize, save; the logic lives in the library.
+`llama-serve quantize SRC DST [--format fbgemm_fp8|compressed-tensors] [--no-skip-first-last]
+[--scale-ub 1200]` loads the checkpoint SRC (Hugging Face or Meta layout) in bf16, applies §6.2's
+FP8 recipe (`llama_serve.quantize_fp8`) and writes DST in the `fbgemm_fp8` layout of Llama 3.1
+405B Instruct FP8 or in the compressed-tensors FP8 layout vLLM now prefers (which has no
+activation bound: the recipe is applied without one), with SRC's tokenizer files and
+`generation_config.json` copied as they are (`llama_serve.fp8_checkpoint`). A thin entry point: parse, load, quantize, save; the logic lives in the library.
 Usage errors (bad arguments, SRC not a checkpoint, DST = SRC) exit with 2, like argparse's; a
 checkpoint the library refuses exits with 1; each error is one line naming the value.
 """
@@ -48,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quantize = commands.add_parser(
         "quantize",
-        help="write an FP8 (fbgemm_fp8) checkpoint with §6.2's recipe",
+        help="write an FP8 checkpoint with §6.2's recipe",
         description="Quantize the feed-forward layers of checkpoint SRC to FP8 (§6.2 of the "
-        "Llama 3 paper) and write DST in the layout of Llama 3.1 405B Instruct FP8.",
+        "Llama 3 paper) and write DST in the layout of Llama 3.1 405B Instruct FP8 "
+        "(fbgemm_fp8) or in compressed-tensors' FP8 layout.",
     )
     quantize.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
     quantize.add_argument("dst", type=Path, metavar="DST", help="checkpoint directory to write")
@@ -63,16 +65,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     quantize.add_argument(
         "--scale-ub",
         type=float,
-        default=SCALE_UB,
         metavar="UB",
-        help=f"upper bound on the dynamic activation scales (default: §6.2's {SCALE_UB:g})",
+        help=f"upper bound on the dynamic activation scales (default: §6.2's {SCALE_UB:g}; "
+        "fbgemm_fp8 only)",
+    )
+    quantize.add_argument(
+        "--format",
+        choices=("fbgemm_fp8", "compressed-tensors"),
+        default="fbgemm_fp8",
+        help="fbgemm_fp8: Meta's 405B FP8 layout, with the bound (vLLM 0.32 calls it deprecated "
+        "and does not load it on a CPU); compressed-tensors: what vLLM prefers, no activation "
+        "bound (default: %(default)s)",
     )
     _add_serve(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     return _quantize(
-        args.src, args.dst, skip_first_last=args.skip_first_last, scale_ub=args.scale_ub
+        args.src,
+        args.dst,
+        skip_first_last=args.skip_first_last,
+        scale_ub=args.scale_ub,
+        format=args.format,
     )
 
 
@@ -222,14 +236,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize(src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float) -> int:
+def _quantize(
+    src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float | None, format: str
+) -> int:
     if not (src / "config.json").is_file() and not (src / "params.json").is_file():
         return _usage(
             f"SRC {str(src)!r} is not a checkpoint directory (no config.json or params.json)"
         )
     if dst.resolve() == src.resolve():
         return _usage(f"DST {str(dst)!r} is SRC: write the FP8 checkpoint to another directory")
-    if not (scale_ub > 0 and math.isfinite(scale_ub)):
+    if format == "compressed-tensors":
+        if scale_ub is not None:
+            return _usage(
+                "--scale-ub does not apply to --format compressed-tensors: the format has no "
+                "activation bound (use fbgemm_fp8 to keep §6.2's)"
+            )
+        scale_ub = math.inf
+    elif scale_ub is None:
+        scale_ub = SCALE_UB
+    elif not (scale_ub > 0 and math.isfinite(scale_ub)):
         return _usage(
             f"--scale-ub must be a finite number > 0 (§6.2 uses {SCALE_UB:g}), got {scale_ub}"
         )
@@ -246,7 +271,7 @@ def _quantize(src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float) -
         model = load_checkpoint(src, dtype=torch.bfloat16)
         quantize_fp8(model, skip_first_last=skip_first_last, scale_ub=scale_ub)
         copies = [src / name for name in COPIED_FILES if (src / name).is_file()]
-        save_fp8_checkpoint(model, dst, copy_files=copies)
+        save_fp8_checkpoint(model, dst, format=format, copy_files=copies)  # type: ignore[arg-type]
     except FileExistsError as error:  # DST is a file, or a directory holding something else
         return _usage(str(error))
     except (OSError, ValueError, TypeError) as error:
@@ -255,8 +280,9 @@ def _quantize(src: Path, dst: Path, *, skip_first_last: bool, scale_ub: float) -
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     n_fp8 = sum(isinstance(m, Fp8RowwiseLinear) for m in model.modules())
     print(
-        f"{PROG} quantize: wrote {dst}: {n_fp8} linear layers in FP8, {n_linear} in bf16, "
-        f"activation_scale_ub={scale_ub:g}; copied {', '.join(p.name for p in copies) or 'nothing'}"
+        f"{PROG} quantize: wrote {dst} ({format}): {n_fp8} linear layers in FP8, {n_linear} in "
+        f"bf16, activation_scale_ub={scale_ub:g}; copied "
+        f"{', '.join(p.name for p in copies) or 'nothing'}"
     )
     return 0
 

@@ -208,7 +208,8 @@ class Engine:
         recent GPUs, CPUs with AMX or AVX512-BF16), else float32. `quantization="fp8"` applies
         §6.2's recipe (`llama_serve.quantize_fp8`) after loading; a checkpoint written by
         `llama-serve quantize` (config.json declares `fbgemm_fp8`, as Meta's Llama 3.1 405B FP8
-        does) is served in FP8 from its stored weights and scales whatever `quantization` says. `device` defaults to CUDA when
+        does, or compressed-tensors FP8, served with no activation bound) is served in FP8 from
+        its stored weights and scales whatever `quantization` says. `device` defaults to CUDA when
         available. `tokenizer` defaults to Llama 3's when the vocabulary is Llama 3's (128,256).
         Stop ids come from the checkpoint's `generation_config.json` (`eos_token_id`) when it has
         one. `options` are `EngineConfig` fields.
