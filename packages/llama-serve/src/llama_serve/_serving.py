@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llama_model import ChatFormat, Message, format_validation_error
 from llama_serve.backend import Backend
@@ -30,22 +30,29 @@ from llama_serve.params import CompletionOutput, RequestOutput, SamplingParams
 from llama_serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body
 from llama_serve.tools import may_become_tool_call, openai_messages_to_dialog, parse_tool_calls
 
-__all__ = ["Limits", "Serving"]
+__all__ = ["ServerConfig", "Serving"]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T", bound=BaseModel)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (from `ServerConfig`)."""
+class ServerConfig(BaseModel):
+    """What the server is called and whom it answers."""
 
-    model_name: str
-    api_key: str | None
-    max_n: int
-    max_choices: int
-    max_body_bytes: int
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str = Field(min_length=1)
+    """The model's name in `/v1/models` and the `model` every request must name."""
+    api_key: str | None = Field(default=None, min_length=1)
+    """When set, `/v1/*` requests must send `Authorization: Bearer <api_key>` (compared in
+    constant time); `/health` and `/metrics` stay open."""
+    max_n: int = Field(default=16, ge=1)
+    """The most choices (`n`) one request may ask for."""
+    max_choices: int = Field(default=64, ge=1)
+    """The most choices of one text-completion request: prompts x n."""
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024)
+    """The largest request body; a larger one is refused (413) before it is parsed."""
 
 
 @dataclass
@@ -76,7 +83,7 @@ class Serving:
     def __init__(
         self,
         backend: Backend,
-        config: Limits,
+        config: ServerConfig,
         shields: tuple[Shield, ...],
         metrics: ServerMetrics,
     ) -> None:

@@ -29,15 +29,13 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
-from llama_serve._serving import Limits, Serving
+from llama_serve._serving import ServerConfig, Serving
 from llama_serve.backend import Backend
 from llama_serve.guard import Shield
 from llama_serve.metrics import ServerMetrics
@@ -46,24 +44,6 @@ from llama_serve.protocol import ChatCompletionRequest, CompletionRequest, Reque
 __all__ = ["ServerConfig", "base_url", "bind", "build_app", "serve_in_background"]
 
 logger = logging.getLogger(__name__)
-
-
-class ServerConfig(BaseModel):
-    """What the server is called and whom it answers."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model_name: str = Field(min_length=1)
-    """The model's name in `/v1/models` and the `model` every request must name."""
-    api_key: str | None = Field(default=None, min_length=1)
-    """When set, `/v1/*` requests must send `Authorization: Bearer <api_key>` (compared in
-    constant time); `/health` and `/metrics` stay open."""
-    max_n: int = Field(default=16, ge=1)
-    """The most choices (`n`) one request may ask for."""
-    max_choices: int = Field(default=64, ge=1)
-    """The most choices of one text-completion request: prompts x n."""
-    max_body_bytes: int = Field(default=16 * 2**20, ge=1024)
-    """The largest request body; a larger one is refused (413) before it is parsed."""
 
 
 # ------------------------------------------------------------------------------- the app
@@ -75,14 +55,7 @@ def build_app(backend: Backend, config: ServerConfig, *, shields: Sequence[Shiel
     The backend (and every shield with a `close` method) is closed when the app shuts down.
     """
     metrics = ServerMetrics(backend)
-    limits = Limits(
-        model_name=config.model_name,
-        api_key=config.api_key,
-        max_n=config.max_n,
-        max_choices=config.max_choices,
-        max_body_bytes=config.max_body_bytes,
-    )
-    server = Serving(backend, limits, tuple(shields), metrics)
+    server = Serving(backend, config, tuple(shields), metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -110,10 +83,6 @@ def build_app(backend: Backend, config: ServerConfig, *, shields: Sequence[Shiel
         )
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return JSONResponse(error_body(message, code=code), status_code=error.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(str(error)), status_code=400)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, error: Exception) -> JSONResponse:
