@@ -12,6 +12,7 @@ EXPECTED = [
     "count_parameters",
     "flops_per_token",
     "format_validation_error",
+    "load_config",
     # the model
     "Llama",
     "document_positions",

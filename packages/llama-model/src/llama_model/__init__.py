@@ -32,6 +32,7 @@ from llama_model.checkpoint import (
 )
 from llama_model.config import PRESETS, LlamaConfig, RopeScaling, count_parameters, flops_per_token
 from llama_model.config_errors import format_validation_error
+from llama_model.config_files import load_config
 from llama_model.generate import decode_one_token, generate
 from llama_model.initialization import init_parameters
 from llama_model.masks import document_positions
@@ -47,6 +48,7 @@ __all__ = [
     "count_parameters",
     "flops_per_token",
     "format_validation_error",
+    "load_config",
     # the model
     "Llama",
     "document_positions",

@@ -14,14 +14,13 @@ exposes them as ``Field.description``. A rejected config reads as one line per p
 from __future__ import annotations
 
 import textwrap
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from llama_model import PRESETS, LlamaConfig, format_validation_error
+from llama_model import PRESETS, LlamaConfig, format_validation_error, load_config
 from llama_train.parallel.mesh import ParallelDims
 from llama_train.parallel.pipeline import check_layers_per_stage, check_schedule
 from llama_train.schedules import BatchRamp, BatchStage, LrSchedule
@@ -399,25 +398,7 @@ class TrainConfig(_Section):
         that is not ``key=value`` (its message is written in the same form: ``key: what is wrong``),
         `tomllib.TOMLDecodeError` and `OSError` for the file.
         """
-        data: dict[str, Any] = {}
-        if path is not None:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not key:
-                raise ValueError(
-                    f"{item!r}: no key; an override must look like section.key=value "
-                    "(a TOML value), e.g. optimizer.peak_lr=3e-4"
-                )
-            if not sep:
-                raise ValueError(
-                    f"{key}: no value; an override must look like section.key=value "
-                    f"(a TOML value): write {key}=<value>"
-                )
-            _set_dotted(data, key, _parse_value(raw.strip()))
-        return cls.model_validate(data)
+        return load_config(cls, path, overrides)
 
     @classmethod
     def llama3_405b(cls, sources: Sequence[SourceConfig] = ()) -> TrainConfig:
@@ -433,28 +414,6 @@ class TrainConfig(_Section):
             activation_checkpointing=True,
             parallel=ParallelConfig(tp=8, cp=1, pp=16, pp_microbatches=16),
         )
-
-
-def _parse_value(raw: str) -> Any:
-    """A TOML literal (number, bool, string, array, inline table), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1], start=1):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(
-                f"{key}: {part!r} is a value, not a section; override the value itself: "
-                f"{'.'.join(parts[:depth])}=<value>"
-            )
-        node = child
-    node[parts[-1]] = value
 
 
 def config_as_toml_dict(config: TrainConfig) -> Mapping[str, Any]:
