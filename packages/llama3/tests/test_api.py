@@ -16,7 +16,9 @@ import llama3.demo
 
 EXPECTED: list[str] = []  # the libraries are imported by their own names, never through llama3
 EXPECTED_DEMO = ["docstring_corpus", "main"]
-MEMBERS = {"llama-kernels", "llama-model", "llama-data", "llama-train", "llama-serve"}
+MEMBERS = {
+    "llama-kernels", "llama-model", "llama-data", "llama-train", "llama-serve", "llama-align",
+}  # fmt: skip
 PACKAGES_DIR = Path(__file__).resolve().parents[2]  # packages/ in a checkout of the workspace
 
 

@@ -11,7 +11,7 @@ streaming checkpoint average, and the scaling-law fits of §3.2.1.
 # Re-exported, the same function: whether bf16 pays is hardware knowledge, so it lives in
 # llama_kernels; callers choose TrainConfig.dtype with it.
 from llama_kernels import bf16_is_fast
-from llama_train.averaging import CheckpointAverage
+from llama_train.averaging import CheckpointAverage, average_state_dicts
 from llama_train.config import TrainConfig
 from llama_train.parallel import ParallelDims
 from llama_train.scaling_laws import (
@@ -45,8 +45,9 @@ __all__ = [
     "ContextStage",
     "LrSchedule",
     "annealed_lr",
-    # the Polyak average of checkpoints (§3.4.3)
+    # the Polyak average of checkpoints (§3.4.3), and of state dicts (llama-align's §4.1.5 average)
     "CheckpointAverage",
+    "average_state_dicts",
     # scaling laws (§3.2.1)
     "PowerLaw",
     "compute_optimal",
