@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align_fixtures import sft_rows
 from llama_align.data import SftRow, encode_sft
 from llama_align.policy import Policy
 from llama_align.sft import SftObjective, pack_dialogs
@@ -38,7 +39,7 @@ def _rows(n: int) -> list[SftRow]:
         SftRow(
             messages=[
                 Message(role="user", content=f"What is {i} plus {i}?"),
-                Message(role="assistant", content=f"It is {2 * i}."),
+                Message(role="assistant", content=f"It is {2 * i}." + " Indeed." * (i % 4)),
             ]
         )
         for i in range(n)
@@ -72,8 +73,9 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens(chat: ChatFormat) -> None:
 
 def test_documents_are_packed_in_order_without_splitting(chat: ChatFormat) -> None:
     """Packing keeps dialogs whole and in order and numbers them per row."""
-    examples = encode_sft(chat, _rows(5), max_tokens=64)
+    examples = encode_sft(chat, sft_rows(5), max_tokens=64)  # dialogs of one length
     length = len(examples[0].dialog)
+    assert {len(e.dialog) for e in examples} == {length}
     rows = pack_dialogs(examples, seq_len=2 * length + 1)
     assert [len(r.tokens) for r in rows] == [2 * length, 2 * length, length]
     assert rows[0].document_ids == (0,) * length + (1,) * length
@@ -109,7 +111,7 @@ def test_micro_batches_do_not_change_the_step(tmp_path: Path, chat: ChatFormat) 
 
     rtol 1e-4: the first loss is equal to float32 rounding; later ones carry a few ulps of
     gradient summation order through Adam (lr 1e-3). Dividing by each micro-batch's own token
-    count instead would move them by more than 1e-3."""
+    count instead moves the first loss by 1e-3 on these rows (measured)."""
     whole = _train(tmp_path / "a", chat, micro_batch_size=4)
     split = _train(tmp_path / "b", chat, micro_batch_size=1)
     assert split[0] == pytest.approx(whole[0], rel=1e-6)
