@@ -112,3 +112,32 @@ def test_sigkill_mid_training_resumes_exactly(
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(6))
     assert [r["loss"] for r in records] == expected
+
+
+def test_lora_sft_and_adapters_off_dpo_export_merged_models(
+    tmp_path: Path, tiny_checkpoint: Path, jsonl: dict[str, Path]
+) -> None:
+    """SFT with a [lora] section, then DPO with LoRA and reference="adapters-off": each exports a
+    plain merged Llama that differs from its start only in the adapted matrices."""
+    lora = ['lora={r=4, alpha=8, target_modules=["wq", "wv"]}']
+    sft = tmp_path / "sft"
+    assert main([*_sft_args(tiny_checkpoint, jsonl["sft"], sft), *lora]) == 0
+    base = load_checkpoint(tiny_checkpoint).state_dict()
+    tuned = load_checkpoint(sft / MODEL_DIR).state_dict()
+    changed = {k for k in base if not base[k].equal(tuned[k])}
+    assert changed and all(k.endswith(("wq.weight", "wv.weight")) for k in changed)
+
+    dpo = tmp_path / "dpo"
+    args = [
+        "dpo", f'model="{sft / MODEL_DIR}"', f'data=["{jsonl["preferences"]}"]',
+        f'heldout=["{jsonl["preferences"]}"]', f'out="{dpo}"', "max_tokens=64",
+        'reference="adapters-off"', "train.steps=3", "train.batch_size=4",
+        "train.micro_batch_size=2", "train.lr=1e-3", *FAST, *lora,
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((dpo / STAGE_FILE).read_text())["results"]
+    assert results["heldout_accuracy_before"] == 0.0  # adapters start at zero: ties
+    assert results["heldout_margin"] > results["heldout_margin_before"]
+    after = load_checkpoint(dpo / MODEL_DIR).state_dict()
+    changed = {k for k in tuned if not tuned[k].equal(after[k])}
+    assert changed and all(k.endswith(("wq.weight", "wv.weight")) for k in changed)

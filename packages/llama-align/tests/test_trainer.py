@@ -156,3 +156,15 @@ def test_documents_backend_matches_in_collate(chat: ChatFormat) -> None:
         )
     n = int(both["mask"][0].sum())
     torch.testing.assert_close(a[n:], b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_trains_and_draws_the_curves(tmp_path: Path, chat: ChatFormat) -> None:
+    """dtype="bfloat16" computes under autocast: the loss falls, and metrics.jsonl (with the
+    objective's metrics), loss.png and curves.png are written."""
+    losses = _train(tmp_path, chat, dtype="bfloat16", steps=4)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert (tmp_path / "metrics.jsonl").is_file()
+    for png in ("loss.png", "curves.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "loss_tokens", "nll", "lr", "grad_norm", "tokens_per_s"} <= record.keys()
