@@ -35,7 +35,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -204,6 +204,7 @@ class AlignTrainer(Generic[Example]):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         self.resumed_from: int | None = None
+        self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self._load_checkpoint()
 
     # ----------------------------------------------------------------------------- data order
@@ -218,12 +219,10 @@ class AlignTrainer(Generic[Example]):
         return out
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
             generator = torch.Generator().manual_seed(self.settings.seed + epoch)
-            cache = (epoch, torch.randperm(len(self.examples), generator=generator))
-            self._perm_cache = cache
-        return cache[1]
+            self._epoch_order = (epoch, torch.randperm(len(self.examples), generator=generator))
+        return self._epoch_order[1]
 
     def _micro_batches(self, step: int) -> list[Batch]:
         mine = self.step_indices(step)[self.rank :: self.world]
@@ -501,9 +500,3 @@ def _plot_curves(metrics_jsonl: Path, png: Path) -> Path | None:
     with atomic_write(png) as tmp:
         figure.savefig(tmp, format="png")
     return png
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """`items` in consecutive chunks of at most `size` (evaluation helpers use it)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
