@@ -50,3 +50,16 @@ def test_llama_train_readme_config_is_valid() -> None:
     check_layers_per_stage(
         parallel.pp_layers_per_stage, model.n_layers, parallel.pp * parallel.pp_stages_per_rank
     )
+
+
+def test_llama_align_readme_round_config_is_valid() -> None:
+    """The round config shown in llama-align's README validates as a RoundConfig."""
+    import tomllib
+
+    from llama_align import RoundConfig
+
+    text = (ROOT / "packages" / "llama-align" / "README.md").read_text(encoding="utf-8")
+    blocks = TOML_BLOCK.findall(text)
+    assert blocks, "llama-align's README has no TOML config"
+    config = RoundConfig.model_validate(tomllib.loads(blocks[0]))
+    assert config.dpo.beta == 0.1 and config.dpo.nll_weight == 0.2

@@ -41,6 +41,7 @@ EXPECTED = [
     "Scorer",
     "Sampler",
     "EngineSampler",
+    "VllmSampler",
     "SamplingReport",
     "SamplingResult",
     "rejection_sample",

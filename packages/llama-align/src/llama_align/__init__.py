@@ -80,6 +80,7 @@ from llama_align.stages import (
 )
 from llama_align.tasks import DocstringTask, TaskSplits
 from llama_align.trainer import AlignTrainer, TrainResult, TrainSettings
+from llama_align.vllm_sampler import VllmSampler
 
 __all__ = [
     # data: JSONL rows in TRL's conventions, validated, and their encodings
@@ -121,6 +122,7 @@ __all__ = [
     "Scorer",
     "Sampler",
     "EngineSampler",
+    "VllmSampler",
     "SamplingReport",
     "SamplingResult",
     "rejection_sample",

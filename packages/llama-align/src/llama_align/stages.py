@@ -334,9 +334,16 @@ def run_sample(config: SampleConfig) -> Path:
     prompts = _rows(config.prompts, PromptRow, report)
     tokenizer = Tokenizer.llama3()
     chat = ChatFormat(tokenizer)
-    engine = Engine.from_pretrained(config.model, dtype=config.dtype, tokenizer=tokenizer)
     scorer = RewardScorer(load_reward_model(config.reward_model, dtype=torch.float32), chat)
-    result = rejection_sample(engine, scorer, chat, prompts, config.sampling)
+    if config.backend == "vllm":
+        from llama_align.vllm_sampler import VllmSampler
+
+        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
+        with VllmSampler.from_pretrained(config.model, dtype=dtype, **config.vllm) as sampler:
+            result = rejection_sample(sampler, scorer, chat, prompts, config.sampling)
+    else:
+        engine = Engine.from_pretrained(config.model, dtype=config.dtype, tokenizer=tokenizer)
+        result = rejection_sample(engine, scorer, chat, prompts, config.sampling)
     write_rows(stage.work / "sft.jsonl", result.sft)
     if config.sampling.pairs:
         write_rows(stage.work / "pairs.jsonl", result.pairs)
