@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from llama_model import Llama
+
+if TYPE_CHECKING:  # peft imports transformers (seconds): only when adapters are added or merged
+    from peft import PeftModel
 
 __all__ = ["LORA_TARGETS", "LoraSettings", "add_lora", "merge_lora"]
 
@@ -81,6 +82,9 @@ def add_lora(model: Llama, settings: LoraSettings) -> PeftModel:
     """
     if not isinstance(model, Llama):
         raise TypeError(f"add_lora takes a llama_model.Llama, got {type(model).__name__}")
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ValueError("the model already has LoRA adapters; merge_lora it first")
     present = {
@@ -127,6 +131,8 @@ def merge_lora(peft_model: PeftModel) -> Llama:
     The merge is checked for NaNs before it is applied (PEFT's safe merge). `peft_model` is used up:
     its layers now belong to the returned model.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     base = peft_model.get_base_model()
     if not isinstance(base, Llama):
         raise TypeError(
