@@ -276,11 +276,16 @@ def run_dpo(config: DpoConfig, *, accelerator: Any | None = None) -> Path:
     policy = Policy(trainable)
     if config.reference == "precomputed":  # once, then the reference model leaves memory
         logps = partial(reference_logprobs, reference, mask=config.mask)
-        examples = with_reference(examples, logps(examples), mask=config.mask)
-        if heldout:
-            heldout = with_reference(heldout, logps(heldout), mask=config.mask)
+        with config.train.autocast(accelerator.device):  # as the policy computes: ratio 0 at start
+            examples = with_reference(examples, logps(examples), mask=config.mask)
+            if heldout:
+                heldout = with_reference(heldout, logps(heldout), mask=config.mask)
         reference = "precomputed"
-    accuracy = partial(preference_accuracy, policy, reference, beta=config.beta, mask=config.mask)
+
+    def accuracy(pairs: list[Any]) -> tuple[float, float]:
+        with config.train.autocast(accelerator.device):  # as the reference log-probs were
+            return preference_accuracy(policy, reference, pairs, beta=config.beta, mask=config.mask)
+
     before = accuracy(heldout) if heldout else None
     objective = DpoObjective(
         reference, beta=config.beta, nll_weight=config.nll_weight, mask=config.mask

@@ -126,6 +126,14 @@ class TrainSettings(BaseModel):
         )
         return schedule.lr(step)
 
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context training computes under on `device` (none for float32): run
+        anything that must match the training forward (reference log-probabilities) inside it."""
+        dtype = self.compute_dtype(device)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The autocast dtype `dtype` resolves to on `device`."""
         if self.dtype == "float32":
@@ -198,8 +206,12 @@ class AlignTrainer(Generic[Example]):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-        optimizer = torch.optim.AdamW(
-            params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        optimizer = torch.optim.AdamW(  # the fused kernel: one pass over all tensors (5x on CPU)
+            params,
+            lr=settings.lr,
+            betas=settings.betas,
+            weight_decay=settings.weight_decay,
+            fused=self.device.type in ("cuda", "cpu"),
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
@@ -369,9 +381,7 @@ class AlignTrainer(Generic[Example]):
         return float(norm)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return self.settings.autocast(self.device)
 
     # ----------------------------------------------------------------------------- checkpoints
 
