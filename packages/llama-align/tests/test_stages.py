@@ -81,8 +81,11 @@ def test_sigkill_mid_training_resumes_exactly(
     """SFT killed with SIGKILL after its second checkpoint and rerun gives the uninterrupted run's
     losses, bit for bit, and each step logged once."""
     steps = ["train.steps=6", "train.checkpoint_every=1"]
-    straight = tmp_path / "straight"
-    assert main([*_sft_args(tiny_checkpoint, jsonl["sft"], straight), *steps]) == 0
+    straight = tmp_path / "straight"  # a fresh process too: global torch settings that earlier
+    # tests of this pytest process may have changed (matmul precision, threads) cannot differ
+    cli = [sys.executable, "-m", "llama_align.cli"]
+    uninterrupted = [*cli, *_sft_args(tiny_checkpoint, jsonl["sft"], straight), *steps]
+    subprocess.run(uninterrupted, check=True, capture_output=True, timeout=600)
     expected = [
         json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()
     ]
@@ -108,7 +111,7 @@ def test_sigkill_mid_training_resumes_exactly(
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / STAGE_FILE).exists()
-    assert main([*_sft_args(tiny_checkpoint, jsonl["sft"], out), *steps]) == 0
+    subprocess.run(command, check=True, capture_output=True, timeout=600)  # resumes
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(6))
     assert [r["loss"] for r in records] == expected
