@@ -20,6 +20,7 @@ from llama_align.data import (
     PreferenceRow,
     PromptRow,
     SftRow,
+    encode_preference,
     encode_ranked,
     encode_sft,
     read_rows,
@@ -76,10 +77,14 @@ def test_different_seed_gives_a_different_split() -> None:
     assert a.preference_train != b.preference_train
 
 
-@pytest.mark.parametrize("same_module_fraction", [0.0, 1.0])
-def test_heldout_functions_appear_in_no_training_row(same_module_fraction: float) -> None:
+@pytest.mark.parametrize(("same_module_fraction", "negatives"), [(0.0, 1), (1.0, 1), (0.5, 4)])
+def test_heldout_functions_appear_in_no_training_row(
+    same_module_fraction: float, negatives: int
+) -> None:
     """No held-out function is asked about, chosen or rejected in any training row, and back."""
-    splits = DocstringTask().build(seed=0, same_module_fraction=same_module_fraction)
+    splits = DocstringTask().build(
+        seed=0, same_module_fraction=same_module_fraction, negatives=negatives
+    )
     owners = _owners(splits)
     train_names = {f.name for f in splits.train_functions}
     heldout_names = {f.name for f in splits.heldout_functions}
@@ -87,9 +92,7 @@ def test_heldout_functions_appear_in_no_training_row(same_module_fraction: float
 
     def names(rows: list[PreferenceRow]) -> set[str]:
         asked = {_asked(r.prompt) for r in rows}
-        answered = {
-            owners[m.content] for r in rows for m in [*(r.chosen or []), *(r.rejected or [])]
-        }
+        answered = {owners[m.content] for r in rows for ms, _ in r.ranked() for m in ms}
         return asked | answered
 
     train = names(splits.preference_train)
@@ -201,6 +204,31 @@ def test_same_module_fraction_draws_negatives_from_the_module() -> None:
                 assert rejected.startswith(function.module + ".") and rejected != function.name
 
 
+@pytest.mark.parametrize("same_module_fraction", [0.0, 1.0])
+def test_negatives_rank_the_true_answer_above_distinct_others(same_module_fraction: float) -> None:
+    """negatives=4: one ranked row per function, its true answer rank 0 above four different
+    other functions' answers of its split (rank 1); DPO reads each row as four pairs."""
+    four = DocstringTask().build(seed=0, same_module_fraction=same_module_fraction, negatives=4)
+    one = DocstringTask().build(seed=0, same_module_fraction=same_module_fraction)
+    owners = _owners(four)
+    assert four.sft_train == one.sft_train and four.prompts_heldout == one.prompts_heldout
+    for functions, rows in [
+        (four.train_functions, four.preference_train),
+        (four.heldout_functions, four.preference_heldout),
+    ]:
+        split = {f.name for f in functions}
+        assert len(rows) == len(functions)
+        for function, row in zip(functions, rows, strict=True):
+            assert _asked(row.prompt) == function.name and row.chosen is None
+            ranked = [(owners[ms[0].content], rank) for ms, rank in row.ranked()]
+            assert ranked[0] == (function.name, 0)
+            others = [name for name, rank in ranked[1:] if rank == 1]
+            assert len(set(others)) == len(others) == 4 and function.name not in others
+            assert set(others) <= split
+    chat = ChatFormat(Tokenizer.llama3())
+    assert len(encode_preference(chat, four.preference_heldout[:3], 1024)) == 12
+
+
 def test_system_message_is_optional() -> None:
     """Without a system message a prompt is the question alone; with one it comes first."""
     plain = DocstringTask().build(seed=0, limit=10)
@@ -221,6 +249,8 @@ def test_system_message_is_optional() -> None:
         ({"limit": 5, "heldout_fraction": 0.1}, "each split needs >= 2"),
         ({"max_answer_chars": 10}, "max_answer_chars=10"),
         ({"same_module_fraction": 2.0}, "same_module_fraction=2.0"),
+        ({"negatives": 0}, "negatives=0"),
+        ({"limit": 10, "negatives": 2}, "negatives <= 1"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs: dict[str, float], message: str) -> None:

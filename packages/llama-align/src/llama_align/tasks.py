@@ -42,7 +42,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from llama_align.data import DataReport, PreferenceRow, PromptRow, SftRow, write_rows
+from llama_align.data import (
+    DataReport,
+    PreferenceRow,
+    PromptRow,
+    RankedResponse,
+    SftRow,
+    write_rows,
+)
 from llama_model import Message, atomic_write
 
 __all__ = [
@@ -270,19 +277,30 @@ class DocstringTask:
         limit: int | None = None,
         *,
         same_module_fraction: float = 0.0,
+        negatives: int = 1,
     ) -> TaskSplits:
         """The rows of the task, split by function.
 
         The usable functions are shuffled with `seed`; the first `limit` (all if None) are kept,
         a `heldout_fraction` of them (rounded) held out. Each function gives one row of each kind
-        in its split, in the shuffled order (so a prefix of any list is a random sample); a preference row's rejected answer is another function of the same split,
-        drawn with `seed`: from the same module (a harder negative) with probability
-        `same_module_fraction` when that module has another function in the split.
+        in its split, in the shuffled order (so a prefix of any list is a random sample).
+
+        A preference row ranks the true answer above `negatives` answers of other functions of
+        the same split, drawn with `seed` (all different): from the same module (a harder
+        negative) with probability `same_module_fraction` when that module has another function
+        not yet drawn. One negative gives TRL's chosen/rejected row; more give a ranked
+        `responses` row (true rank 0, every negative rank 1: §4.1.2's several responses per
+        prompt), which the reward model trains on in one row and DPO expands into a pair per
+        negative. More negatives mean more comparisons per true answer (measured: they move a
+        tiny model from memorising the training pairs to matching names to descriptions) and a
+        smaller sampling error on the held-out accuracy.
         """
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1), e.g. 0.2")
         if not 0.0 <= same_module_fraction <= 1.0:
             raise ValueError(f"same_module_fraction={same_module_fraction} must be in [0, 1]")
+        if negatives < 1:
+            raise ValueError(f"negatives={negatives} must be >= 1 (rejected answers per function)")
         if limit is not None and limit < 4:
             raise ValueError(f"limit={limit} is too small: each split needs >= 2 functions")
         usable, report = self.harvest(max_answer_chars)
@@ -298,9 +316,14 @@ class DocstringTask:
                 f"{n_heldout} held out and {len(chosen) - n_heldout} for training; each split "
                 "needs >= 2 (raise limit or move heldout_fraction towards 0.5)"
             )
+        if negatives > n_heldout - 1:
+            raise ValueError(
+                f"negatives={negatives} needs that many other functions in each split, but the "
+                f"held-out split has {n_heldout}; use negatives <= {n_heldout - 1}"
+            )
         heldout, train = tuple(chosen[:n_heldout]), tuple(chosen[n_heldout:])
-        preference_train = self._preferences(train, rng, same_module_fraction)
-        preference_heldout = self._preferences(heldout, rng, same_module_fraction)
+        preference_train = self._preferences(train, rng, same_module_fraction, negatives)
+        preference_heldout = self._preferences(heldout, rng, same_module_fraction, negatives)
         return TaskSplits(
             sft_train=[
                 SftRow(messages=[*self._prompt(f), Message(role="assistant", content=f.answer)])
@@ -319,6 +342,7 @@ class DocstringTask:
                 "max_answer_chars": max_answer_chars,
                 "limit": limit,
                 "same_module_fraction": same_module_fraction,
+                "negatives": negatives,
                 "system": self.system,
                 "python": platform.python_version(),
                 "modules": list(self.modules),
@@ -332,27 +356,39 @@ class DocstringTask:
         return [Message(role="system", content=self.system), question]
 
     def _preferences(
-        self, functions: tuple[DocFunction, ...], rng: random.Random, same_module_fraction: float
+        self,
+        functions: tuple[DocFunction, ...],
+        rng: random.Random,
+        same_module_fraction: float,
+        negatives: int,
     ) -> list[PreferenceRow]:
-        """One row per function; the rejected answer is another function's of `functions`."""
+        """One row per function: chosen/rejected for one negative, else ranked `responses` (the
+        true answer rank 0, each of `negatives` other functions' answers rank 1)."""
         by_module: dict[str, list[int]] = {}
         for index, function in enumerate(functions):
             by_module.setdefault(function.module, []).append(index)
         rows = []
         for index, function in enumerate(functions):
-            siblings = [i for i in by_module[function.module] if i != index]
-            if siblings and rng.random() < same_module_fraction:
-                other = rng.choice(siblings)
-            else:
-                other = rng.randrange(len(functions) - 1)
-                other += other >= index  # any index but `index`
-            rows.append(
-                PreferenceRow(
-                    prompt=self._prompt(function),
-                    chosen=[Message(role="assistant", content=function.answer)],
-                    rejected=[Message(role="assistant", content=functions[other].answer)],
+            used, drawn = {index}, []
+            for _ in range(negatives):
+                siblings = [i for i in by_module[function.module] if i not in used]
+                if siblings and rng.random() < same_module_fraction:
+                    other = rng.choice(siblings)
+                else:
+                    others = [i for i in range(len(functions)) if i not in used]
+                    other = others[rng.randrange(len(others))]
+                used.add(other)
+                drawn.append(other)
+            true = [Message(role="assistant", content=function.answer)]
+            wrong = [[Message(role="assistant", content=functions[i].answer)] for i in drawn]
+            if negatives == 1:
+                rows.append(
+                    PreferenceRow(prompt=self._prompt(function), chosen=true, rejected=wrong[0])
                 )
-            )
+                continue
+            responses = [RankedResponse(messages=true, rank=0)]
+            responses += [RankedResponse(messages=w, rank=1) for w in wrong]
+            rows.append(PreferenceRow(prompt=self._prompt(function), responses=responses))
         return rows
 
 
