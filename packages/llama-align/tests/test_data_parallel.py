@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent / "distributed" / "dp_sft.py"
+SCRIPT = Path(__file__).parent / "distributed" / "dp_train.py"
 
 
-def _run(out: Path, nprocs: int) -> dict[str, object]:
+def _run(out: Path, nprocs: int, kind: str) -> dict[str, object]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if nprocs == 1:
-        command = [sys.executable, str(SCRIPT), str(out)]
+        command = [sys.executable, str(SCRIPT), kind, str(out)]
     else:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nprocs}", str(SCRIPT), str(out),
+            f"--nproc-per-node={nprocs}", str(SCRIPT), kind, str(out),
         ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
@@ -34,10 +34,13 @@ def _run(out: Path, nprocs: int) -> dict[str, object]:
 
 
 @pytest.mark.distributed
-def test_two_processes_equal_one(tmp_path: Path) -> None:
-    """SFT for 3 steps, global batch 4: 2 ranks x 2 micro-batches of 1 == 1 rank x 4."""
-    one = _run(tmp_path / "one", 1)
-    two = _run(tmp_path / "two", 2)
+@pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
+def test_two_processes_equal_one(tmp_path: Path, kind: str) -> None:
+    """3 steps, global batch 4: 2 ranks x 2 micro-batches of 1 == 1 rank x 4, for SFT (packed
+    rows, token denominator), the reward model (ranked rows, pair denominator) and DPO (pairs
+    with precomputed reference log-probs, pair and token denominators)."""
+    one = _run(tmp_path / "one", 1, kind)
+    two = _run(tmp_path / "two", 2, kind)
     assert two["world"] == 2 and one["world"] == 1
     losses_one, losses_two = one["losses"], two["losses"]
     assert isinstance(losses_one, dict) and isinstance(losses_two, dict)
