@@ -7,7 +7,9 @@ torchrun --nproc-per-node 2 dp_train.py OBJECTIVE OUT_DIR    (or python dp_train
 from __future__ import annotations
 
 import copy
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,10 @@ def _task(kind: str, chat: ChatFormat, model: Llama) -> tuple[torch.nn.Module, A
 
 
 def main(kind: str, out: Path) -> None:
+    # A stuck rank prints every thread's stack and exits, so the test sees where (HANG_S: set by
+    # the test; none when run by hand).
+    if "HANG_S" in os.environ:
+        faulthandler.dump_traceback_later(float(os.environ["HANG_S"]), exit=True)
     chat = ChatFormat(Tokenizer.llama3())
     model = Llama(CONFIG)
     model.init_weights(seed=0)
