@@ -163,7 +163,7 @@ from llama_model import (
     load_checkpoint,
     save_checkpoint,
 )
-from llama_train.metrics import METRICS_FILE
+from llama_train import METRICS_FILE
 
 DPO_BETA = 0.1  # §4.1.4
 DPO_NLL_WEIGHT = 0.2  # §4.1.4: the NLL term on the chosen responses

@@ -46,8 +46,7 @@ from torch import nn
 
 from llama_align.objective import Batch, Metrics, Objective
 from llama_model import publish_directory
-from llama_train import LrSchedule, bf16_is_fast
-from llama_train.metrics import MetricsLogger
+from llama_train import LrSchedule, MetricsLogger, bf16_is_fast
 
 __all__ = ["TrainSettings", "TrainResult", "AlignTrainer", "CHECKPOINT_DIR", "CURVES_FILE"]
 

@@ -13,6 +13,7 @@ streaming checkpoint average, and the scaling-law fits of §3.2.1.
 from llama_kernels import bf16_is_fast
 from llama_train.averaging import CheckpointAverage, average_state_dicts
 from llama_train.config import TrainConfig
+from llama_train.metrics import METRICS_FILE, MetricsLogger
 from llama_train.parallel import ParallelDims
 from llama_train.scaling_laws import (
     PowerLaw,
@@ -48,6 +49,9 @@ __all__ = [
     # the Polyak average of checkpoints (§3.4.3), and of state dicts (llama-align's §4.1.5 average)
     "CheckpointAverage",
     "average_state_dicts",
+    # per-step metrics (JSONL + TensorBoard + loss PNG), which llama-align's loop logs with too
+    "MetricsLogger",
+    "METRICS_FILE",
     # scaling laws (§3.2.1)
     "PowerLaw",
     "compute_optimal",
