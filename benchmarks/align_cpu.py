@@ -110,7 +110,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -555,21 +554,21 @@ def bench_dpo(
 
 class RewardStep:
     """One reward-model optimizer step the way `AlignTrainer` runs one (one micro-batch): collate,
-    `RewardObjective.loss_sums` under autocast, the sum over the pairs' denominator, backward,
-    gradient clipping at norm 1.0, `torch.optim.AdamW` (the trainer's: fused implementation,
-    betas 0.9/0.95), zero_grad. Its own model (the same weights) and optimizer per layout."""
+    `RewardObjective.loss_sums` under the settings' autocast, the sum over the pairs' denominator,
+    backward, gradient clipping at the settings' norm, the settings' optimizer (the trainer's own
+    `TrainSettings.optimizer`: fused AdamW), zero_grad. Its own model (the same weights) and
+    optimizer per layout."""
 
     def __init__(
         self, checkpoint: Path, examples: Sequence[Any], one_row: bool, dtype: str
     ) -> None:
         self.model = RewardModel.from_backbone(load_checkpoint(checkpoint, dtype=torch.float32))
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=LR, betas=(0.9, 0.95), fused=True
-        )
+        self.settings = train_settings(steps=1, batch=len(examples), dtype=dtype)
+        self.device = torch.device("cpu")
+        self.optimizer = self.settings.optimizer(self.model.parameters(), self.device)
         self.objective = RewardObjective(one_row=one_row)
         self.examples = examples
-        self.dtype = dtype
         self.phases: dict[str, list[float]] = {"forward_backward": [], "optimizer": []}
         self.tokens = 0
 
@@ -577,17 +576,13 @@ class RewardStep:
         start = time.perf_counter()
         batch = self.objective.collate(self.examples)
         self.tokens = int(batch["tokens"].numel())
-        autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if self.dtype == "bfloat16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with self.settings.autocast(self.device):
             sums, _ = self.objective.loss_sums(self.model, batch)
             loss = sums["pairs"].float() / self.objective.denominators(batch)["pairs"]
             loss.backward()  # type: ignore[no-untyped-call]
         middle = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        assert self.settings.grad_clip is not None
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.phases["forward_backward"].append(middle - start)

@@ -137,6 +137,16 @@ def test_bad_settings_name_the_field() -> None:
         TrainSettings(batch_size=4, micro_batch_size=8)
 
 
+def test_optimizer_is_the_settings_fused_adamw() -> None:
+    """`TrainSettings.optimizer` (what `AlignTrainer` steps, and what the benchmark's hand loop
+    builds) carries the settings' lr, betas and weight decay, with the fused kernel on CPU."""
+    settings = TrainSettings(lr=3e-4, betas=(0.8, 0.9), weight_decay=0.1)
+    optimizer = settings.optimizer([torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.9), 0.1)
+    assert group["fused"] is True
+
+
 def test_documents_backend_matches_in_collate(chat: ChatFormat) -> None:
     """Padding is a document of its own: the padded row's learned log-probs equal the unpadded."""
     rows = pack_dialogs(encode_sft(chat, _rows(3), max_tokens=64), seq_len=40)

@@ -35,7 +35,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -133,6 +133,19 @@ class TrainSettings(BaseModel):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
+    def optimizer(
+        self, params: Iterable[torch.nn.Parameter], device: torch.device
+    ) -> torch.optim.AdamW:
+        """The AdamW the loop steps (`lr`, `betas`, `weight_decay`), with the fused kernel on CPU
+        and CUDA: one pass over all tensors, 5x faster than the default on this CPU."""
+        return torch.optim.AdamW(
+            params,
+            lr=self.lr,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+            fused=device.type in ("cuda", "cpu"),
+        )
+
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The autocast dtype `dtype` resolves to on `device`."""
         if self.dtype == "float32":
@@ -205,13 +218,7 @@ class AlignTrainer(Generic[Example]):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-        optimizer = torch.optim.AdamW(  # the fused kernel: one pass over all tensors (5x on CPU)
-            params,
-            lr=settings.lr,
-            betas=settings.betas,
-            weight_decay=settings.weight_decay,
-            fused=self.device.type in ("cuda", "cpu"),
-        )
+        optimizer = settings.optimizer(params, self.device)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         self.resumed_from: int | None = None
