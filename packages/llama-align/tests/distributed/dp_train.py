@@ -28,31 +28,30 @@ from llama_align.policy import Policy
 from llama_align.reward import RewardModel, RewardObjective
 from llama_align.sft import SftObjective, pack_dialogs
 from llama_align.trainer import AlignTrainer, TrainSettings
-from llama_model import ChatFormat, Llama, LlamaConfig, Message, Tokenizer
+from llama_model import ChatFormat, Llama, Message, Tokenizer
 
-CONFIG = LlamaConfig(
-    dim=64, n_layers=2, n_heads=2, n_kv_heads=1, multiple_of=32, max_seq_len=256, rope_scaling=None
-)
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' helpers, as conftest does
+from align_fixtures import tiny_llama
+
+
+def _question(i: int) -> Message:
+    return Message(role="user", content=f"Spell {i} twice, {'please ' * (i % 3)}")
+
+
+def _answer(i: int) -> Message:  # of varied lengths, so rows pack unevenly
+    return Message(role="assistant", content=f"{i} {i}" + " again" * (i % 4))
 
 
 def _task(kind: str, chat: ChatFormat, model: Llama) -> tuple[torch.nn.Module, Any, list[Any]]:
     """(the module trained, its objective, its examples) for `kind`."""
     if kind == "sft":
-        rows = [
-            SftRow(
-                messages=[
-                    Message(role="user", content=f"Spell {i} twice, {'please ' * (i % 3)}"),
-                    Message(role="assistant", content=f"{i} {i}" + " again" * (i % 4)),
-                ]
-            )
-            for i in range(12)
-        ]
+        rows = [SftRow(messages=[_question(i), _answer(i)]) for i in range(12)]
         packed = pack_dialogs(encode_sft(chat, rows, max_tokens=48), seq_len=48)
         return Policy(model), SftObjective(), packed
     preferences = [
         PreferenceRow(
-            prompt=[Message(role="user", content=f"Spell {i} twice, {'please ' * (i % 3)}")],
-            chosen=[Message(role="assistant", content=f"{i} {i}" + " again" * (i % 4))],
+            prompt=[_question(i)],
+            chosen=[_answer(i)],
             rejected=[Message(role="assistant", content=f"{i + 1}" + " no" * (i % 3))],
         )
         for i in range(12)
@@ -74,8 +73,7 @@ def main(kind: str, out: Path) -> None:
     if "HANG_S" in os.environ:
         faulthandler.dump_traceback_later(float(os.environ["HANG_S"]), exit=True)
     chat = ChatFormat(Tokenizer.llama3())
-    model = Llama(CONFIG)
-    model.init_weights(seed=0)
+    model = tiny_llama(seed=0)
     trained, objective, examples = _task(kind, chat, model)
     settings = TrainSettings(
         steps=3,
