@@ -15,7 +15,8 @@ EXPECTED = [
     "PiiScrubber", "Pipeline", "PipelineReport", "QualityFilter", "Step", "StepStats", "TokenKLFilter",
     "TokenShards", "TokenizerInfo", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "read_documents",
     "read_jsonl", "read_parquet", "read_warc", "route_by_language", "write_jsonl",
-    "write_token_shards", "atomic_write", "publish_directory",
+    "write_token_shards", "atomic_write", "publish_directory", "write_warc", "WebPage", "LocalExecutor",
+    "RayExecutor", "ShardedKeyDedup", "ShardedLineDedup", "ShardedNearDedup", "as_sharded",
 ]  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 Readers for JSONL, Parquet and WARC; HTML-to-text extraction that keeps code and math; URL block
 lists, PII scrubbing, Gopher-style quality rules, a fastText quality classifier, the paper's duplicated-n-gram, dirty-word and
 token-distribution heuristics and fastText language identification; URL, exact, MinHash and line
-deduplication; weighted mixing; token shards for llama-train; a resumable parallel `Pipeline`; and
+deduplication (sharded stages with bounded memory at any scale); weighted mixing; token shards for llama-train; a resumable parallel `Pipeline`; and
 the crash-safe writes all of them use (`atomic_write`, `publish_directory`).
 It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
 """
@@ -21,9 +21,17 @@ from llama_data.pipeline import Pipeline, PipelineReport
 from llama_data.quality import FastTextClassifier, QualityFilter
 from llama_data.quality_rules import GopherQualityFilter, GopherRepetitionFilter
 from llama_data.readers import read_documents, read_jsonl, read_parquet, write_jsonl
+from llama_data.sharded import (
+    LocalExecutor,
+    RayExecutor,
+    ShardedKeyDedup,
+    ShardedLineDedup,
+    ShardedNearDedup,
+    as_sharded,
+)
 from llama_data.shards import Manifest, TokenizerInfo, write_token_shards
 from llama_data.token_shards import TokenShards, WindowStream
-from llama_data.warc import read_warc
+from llama_data.warc import WebPage, read_warc, write_warc
 
 __all__ = [
     # documents and steps
@@ -37,6 +45,8 @@ __all__ = [
     "read_jsonl",
     "read_parquet",
     "read_warc",
+    "write_warc",
+    "WebPage",
     "write_jsonl",
     # extraction
     "HtmlExtractor",
@@ -63,6 +73,13 @@ __all__ = [
     "NearDedup",
     "NearDedupConfig",
     "UrlDedup",
+    # the global steps as sharded stages, and where their tasks run
+    "LocalExecutor",
+    "RayExecutor",
+    "ShardedKeyDedup",
+    "ShardedLineDedup",
+    "ShardedNearDedup",
+    "as_sharded",
     # mixing
     "ANNEALING_MIX",
     "LLAMA3_PRETRAINING_MIX",

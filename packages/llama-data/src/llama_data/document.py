@@ -77,6 +77,15 @@ class StepStats:
             "error_examples": self.error_examples,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepStats:
+        """The statistics `to_dict` wrote (missing keys count as zero)."""
+        stats = cls(kept=data.get("kept", 0))
+        stats.dropped.update(data.get("dropped", {}))
+        stats.errors.update(data.get("errors", {}))
+        stats.error_examples = {k: list(v) for k, v in data.get("error_examples", {}).items()}
+        return stats
+
 
 class Step(ABC):
     """A stage of a pipeline: a stream of documents in, a stream out, drops counted."""

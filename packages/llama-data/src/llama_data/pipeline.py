@@ -7,37 +7,39 @@ the input and the steps: it is the part's commit marker. A run that is killed an
 same inputs and steps therefore skips every part whose marker matches and redoes the others from
 scratch, so no document is lost or duplicated, and the output is the same as an uninterrupted run.
 
-Steps that need the whole corpus at once (URL, exact, near and line deduplication, §3.1.1) are run
-afterwards over the parts' outputs, in one process, by passing them as `global_steps`.
+Steps that need the whole corpus at once (URL, exact, near and line deduplication, §3.1.1) are
+passed as `global_steps` and run afterwards over the parts, each as sharded stages of independent
+tasks (`llama_data.sharded`): memory per task is bounded by a part or one of `partitions` hash
+partitions, not by the corpus; every task has its own marker, so a killed run resumes inside a
+global step too; and the result does not depend on the number of workers or the backend. Each
+step's output parts go to `out_dir/global/NN-<step>/parts/`; the last step's parts, concatenated in
+order, are `out_dir/documents.jsonl.gz`.
 
-Parts run in worker processes (`workers`), or as Ray tasks with `backend="ray"` (the
+Work runs in worker processes (`workers`), or as Ray tasks with `backend="ray"` (the
 `llama-data[ray]` extra): the same parts, markers and statistics, scheduled by Ray on a local
-instance it starts (or the cluster `ray.init` already connected to; `out_dir` must then be on storage
-every node sees). Steps must be picklable (load models lazily). A progress bar shows files done. `run` returns, and writes to `out_dir/stats.json`, every step's kept and
-dropped counts per reason, and the readers' error counts with example locations.
+instance it starts (or the cluster `ray.init` already connected to; `out_dir` must then be on
+storage every node sees). Steps must be picklable (load models lazily). A progress bar per stage
+shows tasks done. `run` returns, and writes to `out_dir/stats.json`, every step's kept and dropped
+counts per reason, and the readers' error counts with example locations.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import json
 import os
-import sys
-import types
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-from tqdm import tqdm
-
 from llama_data._atomic import atomic_write
+from llama_data._describe import describe
 from llama_data.document import Document, Step, StepStats
-from llama_data.readers import read_documents, read_jsonl, write_jsonl
+from llama_data.readers import read_documents, write_jsonl
+from llama_data.sharded import LocalExecutor, RayExecutor, as_sharded
 
 __all__ = ["Pipeline", "PipelineReport"]
 
@@ -68,7 +70,9 @@ class PipelineReport:
 
 
 class Pipeline:
-    """`steps` run per input file, in parallel; `global_steps` run once over everything after."""
+    """`steps` run per input file, in parallel; `global_steps` run after, over everything, as
+    sharded stages with `partitions` hash partitions (size them so that corpus / partitions fits a
+    worker's memory; the result does not depend on them)."""
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class Pipeline:
         *,
         global_steps: Sequence[Step] = (),
         reader_options: dict[str, Any] | None = None,
+        partitions: int = 16,
     ) -> None:
         names = [s.name for s in (*steps, *global_steps)]
         reserved = {READ, GLOBAL_READ} & set(names)
@@ -89,6 +94,9 @@ class Pipeline:
         self.steps = list(steps)
         self.global_steps = list(global_steps)
         self.reader_options = dict(reader_options or {})
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        self.partitions = partitions
 
     def fingerprint(self, path: Path) -> str:
         """Identifies a part's work: the input file (path, size, mtime) and the steps' config,
@@ -96,7 +104,7 @@ class Pipeline:
         stat = path.stat()
         recipe = repr(
             (_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-             _describe(self.reader_options), [_describe(step) for step in self.steps])
+             describe(self.reader_options), [describe(step) for step in self.steps])
         )  # fmt: skip
         return hashlib.sha256(recipe.encode()).hexdigest()
 
@@ -132,103 +140,72 @@ class Pipeline:
             else:
                 report.parts_skipped.append(part.name)
                 report.merge(done)
-
-        def collect(results: Iterable[tuple[str, dict[str, StepStats]]]) -> None:
-            bar = tqdm(
-                total=len(paths), initial=len(paths) - len(todo), unit="file", disable=not progress
-            )
-            with bar:
+        executor: LocalExecutor | RayExecutor = (
+            RayExecutor(workers, progress=progress)
+            if backend == "ray"
+            else LocalExecutor(workers, progress=progress)
+        )
+        with executor:
+            if todo:
+                results = executor.map([(_run_part, (self, *job)) for job in todo], "files")
                 for name, stats in results:
                     report.parts_run.append(name)
                     report.merge(stats)
-                    bar.update()
-
-        if backend == "ray" and todo:
-            collect(_run_parts_on_ray(self, todo, workers))
-        elif backend == "ray" or workers == 1 or len(todo) <= 1:
-            collect(_run_part(self, *job) for job in todo)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                # Submitting forks the workers; the progress bar (and its monitor thread) starts
-                # only afterwards, since forking a process that runs threads can deadlock.
-                futures = [pool.submit(_run_part, self, *job) for job in todo]
-                collect(future.result() for future in futures)
-
-        if self.global_steps:
-            self._run_global(parts, len(paths), out, report)
+            if self.global_steps:
+                self._run_global(parts, len(paths), out, report, executor)
         _atomic_json(out / "stats.json", report.to_dict())
         return report
 
-    def _run_global(self, parts: Path, n_parts: int, out: Path, report: PipelineReport) -> None:
-        # Re-reading the parts is accounted for too (e.g. documents a Mapper emptied are counted
-        # as empty_text here), and without a size limit: the per-file stage already applied it.
-        read_stats = report.stats.setdefault(GLOBAL_READ, StepStats())
-
-        def everything() -> Iterator[Document]:
-            for i in range(n_parts):
-                part = parts / f"part-{i:05d}.jsonl.gz"
-                yield from read_jsonl(part, stats=read_stats, max_chars=sys.maxsize)
-
-        docs: Iterable[Document] = everything()
-        for step in self.global_steps:
-            docs = step.run(docs, report.stats.setdefault(step.name, StepStats()))
-        write_jsonl(docs, out / "documents.jsonl.gz")
-
-
-def _describe(obj: Any, depth: int = 0) -> Any:
-    """A stable, comparable description of a step's configuration: pydantic models by their
-    fields, functions and classes by name, objects by their attributes (recursively)."""
-    if depth > 6:
-        return type(obj).__qualname__
-    if obj is None or isinstance(obj, str | int | float | bool | bytes):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, BaseModel):
-        return (type(obj).__qualname__, obj.model_dump_json())
-    if isinstance(obj, dict):
-        return sorted(((repr(k), _describe(v, depth + 1)) for k, v in obj.items()), key=repr)
-    if isinstance(obj, list | tuple | set | frozenset):
-        items = [_describe(v, depth + 1) for v in obj]
-        return sorted(items, key=repr) if isinstance(obj, set | frozenset) else items
-    if isinstance(obj, functools.partial):
-        return ("partial", _describe((obj.func, obj.args, obj.keywords), depth + 1))
-    if isinstance(obj, types.FunctionType):  # by name and code, so an edited lambda differs
-        code = obj.__code__
-        constants = [c for c in code.co_consts if not isinstance(c, types.CodeType)]
-        closure = [cell.cell_contents for cell in obj.__closure__ or ()]
-        return (f"{obj.__module__}.{obj.__qualname__}", code.co_code.hex(), code.co_names,
-                _describe((constants, closure), depth + 1))  # fmt: skip
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
-    state = obj.__getstate__()
-    if isinstance(state, tuple) and len(state) == 2:  # (__dict__ or None, __slots__ values)
-        state = {**(state[0] or {}), **(state[1] or {})}
-    if not isinstance(state, dict):
-        return (type(obj).__qualname__, repr(state))
-    return (type(obj).__qualname__, _describe(state, depth + 1))
-
-
-def _run_parts_on_ray(
-    pipeline: Pipeline, todo: list[tuple[Path, Path, str]], workers: int
-) -> Iterator[tuple[str, dict[str, StepStats]]]:
-    """Run the parts as Ray tasks, yielding results in input order as they are collected."""
-    try:
-        import ray
-    except ImportError as err:
-        raise ImportError("backend='ray' needs Ray: install llama-data[ray]") from err
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    try:
-        task = ray.remote(_run_part)
-        pipeline_ref = ray.put(pipeline)
-        futures = [task.remote(pipeline_ref, *job) for job in todo]
-        for future in futures:
-            yield ray.get(future)
-    finally:
-        if started:
-            ray.shutdown()
+    def _run_global(
+        self,
+        parts: Path,
+        n_parts: int,
+        out: Path,
+        report: PipelineReport,
+        executor: LocalExecutor | RayExecutor,
+    ) -> None:
+        """Each global step as sharded stages over the previous step's parts (`llama_data.sharded`),
+        then the last step's parts concatenated, in order, into `documents.jsonl.gz`."""
+        current = [parts / f"part-{i:05d}.jsonl.gz" for i in range(n_parts)]
+        for j, step in enumerate(self.global_steps):
+            sharded = as_sharded(step, self.partitions)
+            home = out / "global" / f"{j:02d}-{sharded.name}"
+            marker = home / "step.done.json"
+            fingerprint = _files_fingerprint(current, describe(sharded))
+            done = _read_json(marker)
+            if (
+                done is not None
+                and done.get("fingerprint") == fingerprint
+                and all(Path(p).is_file() for p in done["parts"])
+            ):
+                outputs = [Path(p) for p in done["parts"]]
+                stats, read = (StepStats.from_dict(done[k]) for k in ("stats", "read"))
+            else:
+                marker.unlink(missing_ok=True)
+                result = sharded.run(current, home / "work", home / "parts", executor=executor)
+                outputs, stats, read = result.parts, result.stats, result.read
+                _atomic_json(
+                    marker,
+                    {"fingerprint": fingerprint, "parts": [str(p) for p in outputs],
+                     "stats": stats.to_dict(), "read": read.to_dict()},
+                )  # fmt: skip
+            # The step's scratch files are needed only until its marker is written.
+            shutil.rmtree(home / "work", ignore_errors=True)
+            if j == 0:  # reading the per-file parts again is accounted for (e.g. emptied texts)
+                report.stats.setdefault(GLOBAL_READ, StepStats()).merge(read)
+            report.stats.setdefault(step.name, StepStats()).merge(stats)
+            current = outputs
+        documents, marker = out / "documents.jsonl.gz", out / "documents.done.json"
+        fingerprint = _files_fingerprint(current)
+        done = _read_json(marker)
+        if documents.is_file() and done is not None and done.get("fingerprint") == fingerprint:
+            return  # kept as it is, so that what was made from it stays valid
+        marker.unlink(missing_ok=True)
+        with atomic_write(documents) as temporary, open(temporary, "wb") as f:
+            for path in current:  # gzip members, one after another: one valid gzip file
+                with open(path, "rb") as member:
+                    shutil.copyfileobj(member, f)
+        _atomic_json(marker, {"fingerprint": fingerprint})
 
 
 def _run_part(
@@ -265,14 +242,21 @@ def _load_marker(part: Path, fingerprint: str) -> dict[str, StepStats] | None:
         return None
     if data.get("fingerprint") != fingerprint:
         return None
-    result = {}
-    for name, d in data["steps"].items():
-        s = StepStats(kept=d["kept"])
-        s.dropped.update(d["dropped"])
-        s.errors.update(d["errors"])
-        s.error_examples = {k: list(v) for k, v in d["error_examples"].items()}
-        result[name] = s
-    return result
+    return {name: StepStats.from_dict(d) for name, d in data["steps"].items()}
+
+
+def _files_fingerprint(paths: Sequence[Path], *config: Any) -> str:
+    """Fingerprint of files (path, size, mtime) and a configuration."""
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(repr((config, files)).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
