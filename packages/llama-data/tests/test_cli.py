@@ -199,3 +199,25 @@ def test_every_near_dedup_setting_is_read_from_the_file(
     from_api = [doc.id for doc in NearDedup(config).run(docs, StepStats())]
     assert _run_file(tmp_path, docs, table) == from_api
     capsys.readouterr()
+
+
+def test_token_shards_table_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """[token_shards] needs global steps (they write the documents it tokenizes), and a
+    tokenizer that cannot be imported is named in a one-line error, exit 2."""
+    write_inputs(tmp_path)
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\n[token_shards]\ntokenizer = "x:y"\n'
+    )
+    assert main(["run", str(path), "--no-progress"]) == 2
+    assert "token_shards tokenizes documents.jsonl.gz, which only global_steps write" in (
+        capsys.readouterr().err
+    )
+    path.write_text(
+        'inputs = ["in/*.jsonl.gz"]\nout_dir = "o"\n[[global_steps]]\ntype = "exact_dedup"\n'
+        '[token_shards]\ntokenizer = "no_such_module_here"\n'
+    )
+    assert main(["run", str(path), "--no-progress"]) == 2
+    assert "token_shards.tokenizer: 'no_such_module_here' is not 'module:attribute'" in (
+        capsys.readouterr().err
+    )

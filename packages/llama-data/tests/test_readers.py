@@ -508,3 +508,29 @@ def test_write_jsonl_serialises_parquet_metadata_types(tmp_path: Path) -> None:
     (back,) = read_jsonl(tmp_path / "m.jsonl.gz", stats=StepStats())
     assert back.metadata == {
         "when": "2024-05-01T12:30:00", "day": "2024-05-01", "price": "1.50", "blob": "AP8="}  # fmt: skip
+
+
+def test_write_warc_round_trips_and_is_deterministic(tmp_path: Path) -> None:
+    """`write_warc` pages read back by `read_warc` as they went in (URL, date, decoded HTML), with
+    record ids derived from the content: the same pages give the same bytes."""
+    from llama_data import WebPage, read_warc, write_warc
+
+    pages = [
+        WebPage("https://a.example/x", "<p>café</p>".encode()),
+        WebPage("https://a.example/x", b"<p>later</p>", date="2024-06-01T00:00:00Z"),
+        WebPage("https://b.example/", b"\xe9t\xe9", content_type="text/html; charset=latin-1"),
+        WebPage("https://b.example/img", b"\x89PNG", content_type="image/png"),
+    ]
+    assert write_warc(pages, tmp_path / "a.warc.gz") == 4
+    assert write_warc(pages, tmp_path / "b.warc.gz") == 4
+    assert (tmp_path / "a.warc.gz").read_bytes() == (tmp_path / "b.warc.gz").read_bytes()
+    stats = StepStats()
+    docs = list(read_warc(tmp_path / "a.warc.gz", stats=stats))
+    assert [(d.url, d.text, d.metadata["crawl_date"]) for d in docs] == [
+        ("https://a.example/x", "<p>café</p>", "2024-01-01T00:00:00Z"),
+        ("https://a.example/x", "<p>later</p>", "2024-06-01T00:00:00Z"),
+        ("https://b.example/", "été", "2024-01-01T00:00:00Z"),
+    ]
+    assert stats.dropped == {"not_html": 1} and len({d.id for d in docs}) == 3
+    with pytest.raises(ValueError, match=r"must end in '\.warc\.gz'"):
+        write_warc(pages, tmp_path / "c.warc")

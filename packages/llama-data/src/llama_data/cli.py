@@ -3,7 +3,8 @@
 ```toml
 inputs = ["crawl/*.jsonl.gz"]      # files or globs, relative to this file
 out_dir = "curated"                # parts/, stats.json and (with global steps) documents.jsonl.gz
-workers = 4
+workers = 4                        # local processes (or Ray CPUs: backend = "ray")
+partitions = 16                    # hash partitions of the global steps' sharded stages
 
 [[steps]]                          # per input file, in parallel
 type = "url_blocklist"
@@ -21,7 +22,7 @@ type = "language"
 min_score = 0.65
 languages = ["en"]
 
-[[global_steps]]                   # once, over everything
+[[global_steps]]                   # over everything, as sharded stages
 type = "near_dedup"                # every field of llama_data.dedup.NearDedupConfig
 threshold = 0.8
 confirm = "exact"                  # or "estimate" (MinHash estimate, +/-0.035 at 0.8)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import inspect
 import json
 import sys
@@ -58,10 +60,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticUndefined
+from tqdm import tqdm
 
+from llama_data._atomic import atomic_write
 from llama_data._config_errors import format_validation_error, unknown_name
 from llama_data.dedup import ExactDedup, LineDedup, NearDedup, NearDedupConfig, UrlDedup
-from llama_data.document import Step
+from llama_data.document import Step, StepStats
 from llama_data.extract import HtmlExtractor
 from llama_data.filters import DirtyWordConfig, DirtyWordFilter, UrlBlocklist
 from llama_data.langid import LanguageFilter, LanguageFilterConfig, LanguageIdentifier
@@ -74,6 +78,8 @@ from llama_data.quality_rules import (
     GopherRepetitionConfig,
     GopherRepetitionFilter,
 )
+from llama_data.readers import read_jsonl
+from llama_data.shards import DEFAULT_SHARD_TOKENS, Manifest, write_token_shards
 
 __all__ = [
     "STEP_TYPES",
@@ -86,6 +92,21 @@ __all__ = [
 ]
 
 _OPTIONS = ConfigDict(frozen=True, extra="forbid")
+
+
+class TokenShardsOptions(BaseModel):
+    """The `[token_shards]` table: tokenize the curated documents into token shards."""
+
+    model_config = _OPTIONS
+
+    tokenizer: str
+    """Where the tokenizer comes from, "module:attribute": a tokenizer object, or a callable
+    with no arguments that returns one (e.g. "llama_model:Tokenizer.llama3", the Llama 3
+    tokenizer from llama-model)."""
+    out_dir: str = "tokens"
+    """The token shard directory (relative to the pipeline file)."""
+    shard_tokens: PositiveInt = DEFAULT_SHARD_TOKENS
+    """Tokens per shard file."""
 
 
 class PipelineFile(BaseModel):
@@ -104,7 +125,23 @@ class PipelineFile(BaseModel):
     steps: list[dict[str, Any]] = []
     """Per-file steps, in order: tables with a `type` and that step's options."""
     global_steps: list[dict[str, Any]] = []
-    """Steps over the whole corpus (deduplication), in order, after the per-file steps."""
+    """Steps over the whole corpus (deduplication), in order, after the per-file steps; each runs
+    as sharded stages (`llama_data.sharded`)."""
+    partitions: PositiveInt = 16
+    """Hash partitions of the global steps' keys: size them so corpus / partitions fits one
+    worker's memory (the result does not depend on them)."""
+    token_shards: TokenShardsOptions | None = None
+    """Tokenize the curated documents (`documents.jsonl.gz`; needs `global_steps`) into token
+    shards for llama-train."""
+
+    @model_validator(mode="after")
+    def _tokens_need_documents(self) -> PipelineFile:
+        if self.token_shards is not None and not self.global_steps:
+            raise ValueError(
+                "token_shards tokenizes documents.jsonl.gz, which only global_steps write; "
+                "add a global step (e.g. exact_dedup) or remove [token_shards]"
+            )
+        return self
 
 
 class PipelineFileError(ValueError):
@@ -304,7 +341,9 @@ def load_pipeline(path: str | Path) -> tuple[Pipeline, list[Path], Path, Pipelin
         if not matches:
             raise FileNotFoundError(f"inputs pattern {pattern!r} matches no file under {base}")
         inputs += [Path(m) for m in matches]
-    pipeline = Pipeline(built["steps"], global_steps=built["global_steps"])
+    pipeline = Pipeline(
+        built["steps"], global_steps=built["global_steps"], partitions=spec.partitions
+    )
     return pipeline, inputs, base / spec.out_dir, spec
 
 
@@ -330,6 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
         print(f"llama-data: {args.config}: {err}", file=sys.stderr)
         return 2
+    tokenizer = None
+    if spec.token_shards is not None:  # before the run: a typo should not cost a whole run
+        try:
+            tokenizer = _load_object(spec.token_shards.tokenizer)
+        except (ImportError, AttributeError, ValueError) as err:
+            print(f"llama-data: {args.config}: token_shards.tokenizer: {err}", file=sys.stderr)
+            return 2
     report = pipeline.run(
         inputs,
         out_dir,
@@ -338,7 +384,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=spec.backend,
     )
     print(json.dumps({name: s.to_dict() for name, s in report.stats.items()}, indent=2))
+    if spec.token_shards is not None:
+        documents = Path(out_dir) / "documents.jsonl.gz"
+        target = args.config.parent / spec.token_shards.out_dir
+        manifest = tokenize_documents(
+            documents,
+            tokenizer,
+            target,
+            shard_tokens=spec.token_shards.shard_tokens,
+            expected=report.stats[pipeline.global_steps[-1].name].kept,
+            progress=not args.no_progress,
+        )
+        print(f"token shards: {target} ({manifest.num_tokens:,} tokens)")
     return 0
+
+
+def _load_object(spec: str) -> Any:
+    """The object "module:attribute.path" names; called if it is a callable, not a tokenizer."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"{spec!r} is not 'module:attribute' (e.g. 'llama_model:Tokenizer.llama3')"
+        )
+    obj: Any = importlib.import_module(module_name)
+    for name in attribute.split("."):
+        obj = getattr(obj, name)
+    return obj if hasattr(obj, "encode") else obj()
+
+
+def tokenize_documents(
+    documents: Path,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    expected: int | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """`write_token_shards` of a pipeline's `documents.jsonl.gz`, skipped when `out_dir` was
+    written from this very file with these settings (a marker beside it says so)."""
+    marker = out_dir.with_name(out_dir.name + ".done.json")
+    stat = documents.stat()
+    fingerprint = repr(
+        (str(documents.resolve()), stat.st_size, stat.st_mtime_ns, shard_tokens, repr(tokenizer))
+    )
+    try:
+        if json.loads(marker.read_text())["fingerprint"] == fingerprint:
+            return Manifest.read(out_dir)
+    except (OSError, ValueError, KeyError):
+        pass
+    marker.unlink(missing_ok=True)
+    docs = tqdm(
+        read_jsonl(documents, stats=StepStats(), max_chars=sys.maxsize),
+        total=expected, unit="doc", desc="token shards", disable=not progress,
+    )  # fmt: skip
+    manifest = write_token_shards(
+        docs, tokenizer, out_dir, shard_tokens=shard_tokens, overwrite=True
+    )
+    with atomic_write(marker) as temporary:
+        temporary.write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
+    return manifest
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Reading WARC files: the HTML responses of a web crawl as `Document`s (§3.1 of the Llama 3 paper).
+"""WARC files: the HTML responses of a web crawl as `Document`s (§3.1 of the Llama 3 paper), and
+`write_warc` to build a crawl from pages one has (to test a pipeline on real HTML offline).
 
 Only HTTP `response` records with an HTML content type become documents, their text the raw HTML
 (decoded with the charset the headers declare); `llama_data.extract` turns it into text. Requests,
@@ -10,18 +11,25 @@ Error kinds are those of `llama_data.readers` plus ``malformed_record``, ``inval
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
+import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
 
+from llama_data._atomic import atomic_write
 from llama_data.document import Document, StepStats
 
-__all__ = ["DEFAULT_MAX_BYTES", "read_warc"]
+__all__ = ["DEFAULT_MAX_BYTES", "WebPage", "read_warc", "write_warc"]
 
 DEFAULT_MAX_BYTES = 10_000_000
 """Largest WARC response body (in bytes) read; larger bodies are counted as oversized."""
@@ -160,3 +168,52 @@ def _decode_html(body: bytes, content_type: str, *, where: str, stats: StepStats
     except UnicodeDecodeError:
         stats.error("invalid_encoding", where)
         return body.decode(encoding, errors="replace")
+
+
+@dataclass(frozen=True)
+class WebPage:
+    """One crawled page for `write_warc`."""
+
+    url: str
+    """The page's URL (WARC-Target-URI)."""
+    body: bytes
+    """The HTTP response body, e.g. the HTML file's bytes."""
+    date: str = "2024-01-01T00:00:00Z"
+    """When it was crawled (WARC-Date, ISO 8601 UTC): URL dedup keeps the latest crawl."""
+    content_type: str = "text/html; charset=utf-8"
+    """The HTTP Content-Type header."""
+
+
+def write_warc(pages: Iterable[WebPage], path: str | os.PathLike[str]) -> int:
+    """Write `pages` as HTTP 200 ``response`` records of a gzipped WARC file (each record its own
+    gzip member, as crawlers write them), atomically; return the number of records.
+
+    The WARC-Record-ID of a page is a UUID derived from its URL, date and body, so the same pages
+    give the same file (and `read_warc` the same document ids) on every run."""
+    path = Path(path)
+    if not path.name.endswith(".warc.gz"):
+        raise ValueError(f"write_warc writes gzipped WARC: {str(path)!r} must end in '.warc.gz'")
+    count = 0
+    with atomic_write(path) as temporary, open(temporary, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for page in pages:
+            identity = hashlib.sha256(f"{page.url}\n{page.date}\n".encode() + page.body)
+            headers = StatusAndHeaders(
+                "200 OK",
+                [("Content-Type", page.content_type), ("Content-Length", str(len(page.body)))],
+                protocol="HTTP/1.1",
+            )
+            record = writer.create_warc_record(
+                page.url,
+                "response",
+                payload=BytesIO(page.body),
+                length=len(page.body),
+                http_headers=headers,
+                warc_headers_dict={
+                    "WARC-Record-ID": f"<urn:uuid:{uuid.UUID(bytes=identity.digest()[:16])}>",
+                    "WARC-Date": page.date,
+                },
+            )
+            writer.write_record(record)
+            count += 1
+    return count
