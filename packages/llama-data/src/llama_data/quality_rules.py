@@ -71,7 +71,8 @@ class GopherQualityConfig(BaseModel):
     stop_words: tuple[str, ...] = GOPHER_STOP_WORDS
     """Lower-case stop words whose presence marks natural language (the Gopher eight)."""
     min_stop_words: int = Field(default=2, ge=0)
-    """Fewest stop-word occurrences (counted per occurrence, as datatrove reads Gopher's rule)."""
+    """Fewest stop-word occurrences, case-insensitive ("at least two of" the stop words; datatrove
+    0.10.1 counts distinct, case-sensitive ones instead)."""
 
 
 class GopherRepetitionConfig(BaseModel):
