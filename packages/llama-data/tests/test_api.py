@@ -13,7 +13,7 @@ EXPECTED = [
     "GopherRepetitionFilter", "HtmlExtractor", "LLAMA3_PRETRAINING_MIX", "LanguageFilter",
     "LanguageIdentifier", "LineDedup", "LshIndex", "Manifest", "Mapper", "MinHasher", "NearDedup", "NearDedupConfig",
     "PiiScrubber", "Pipeline", "PipelineReport", "QualityFilter", "Step", "StepStats", "TokenKLFilter",
-    "TokenShards", "TokenizerInfo", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "read_documents",
+    "TokenShards", "TokenizerInfo", "UrlBlocklist", "UrlDedup", "WindowStream", "extract_text", "mix", "near_duplicate_clusters", "read_documents", "shingle_set",
     "read_jsonl", "read_parquet", "read_warc", "route_by_language", "write_jsonl",
     "write_token_shards", "atomic_write", "publish_directory", "write_warc", "WebPage", "LocalExecutor",
     "RayExecutor", "ShardedKeyDedup", "ShardedLineDedup", "ShardedNearDedup", "as_sharded",

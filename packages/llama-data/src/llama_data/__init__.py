@@ -9,7 +9,15 @@ It never imports torch (DESIGN.md): a data engineer runs it on CPU fleets.
 """
 
 from llama_data._atomic import atomic_write, publish_directory
-from llama_data.dedup import ExactDedup, LineDedup, NearDedup, NearDedupConfig, UrlDedup
+from llama_data.dedup import (
+    ExactDedup,
+    LineDedup,
+    NearDedup,
+    NearDedupConfig,
+    UrlDedup,
+    near_duplicate_clusters,
+    shingle_set,
+)
 from llama_data.document import Document, Filter, Mapper, Step, StepStats
 from llama_data.extract import HtmlExtractor, extract_text
 from llama_data.filters import DirtyWordFilter, TokenKLFilter, UrlBlocklist
@@ -73,6 +81,8 @@ __all__ = [
     "NearDedup",
     "NearDedupConfig",
     "UrlDedup",
+    "near_duplicate_clusters",
+    "shingle_set",
     # the global steps as sharded stages, and where their tasks run
     "LocalExecutor",
     "RayExecutor",
