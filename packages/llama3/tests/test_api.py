@@ -13,9 +13,11 @@ import pytest
 
 import llama3
 import llama3.demo
+import llama3.report
 
 EXPECTED: list[str] = []  # the libraries are imported by their own names, never through llama3
-EXPECTED_DEMO = ["docstring_corpus", "main"]
+EXPECTED_DEMO = ["STAGES", "docstring_corpus", "main"]
+EXPECTED_REPORT = ["read_metrics", "write_report"]
 MEMBERS = {
     "llama-kernels", "llama-model", "llama-data", "llama-train", "llama-serve", "llama-align",
 }  # fmt: skip
@@ -29,11 +31,16 @@ def _requirement_names(distribution: str) -> set[str]:
 
 
 def test_public_api_is_pinned() -> None:
-    """llama3 exports nothing, and llama3.demo exactly the entry point and the corpus reader."""
+    """llama3 exports nothing; llama3.demo the entry point, its stages and the corpus reader;
+    llama3.report the report writer."""
     assert sorted(llama3.__all__) == sorted(EXPECTED)
     assert sorted(llama3.demo.__all__) == sorted(EXPECTED_DEMO)
+    assert sorted(llama3.report.__all__) == sorted(EXPECTED_REPORT)
     for name in EXPECTED_DEMO:
         assert getattr(llama3.demo, name) is not None
+    assert [stage.name for stage in llama3.demo.STAGES] == [
+        "curate", "shards", "pretrain", "sft", "rm", "sample", "dpo", "fp8", "serve",
+    ]  # fmt: skip
 
 
 def test_package_ships_type_information() -> None:
