@@ -23,7 +23,7 @@ from __future__ import annotations
 import pickle
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -486,6 +486,28 @@ def _line_hash(line: str) -> int:
     return xxhash.xxh3_64_intdigest(line.encode())
 
 
+def _line_hashes(text: str) -> list[int]:
+    """`_line_hash` of each non-blank line of `text`, stripped (what line dedup counts)."""
+    return [_line_hash(s) for s in map(str.strip, text.splitlines()) if s]
+
+
+def _without_frequent_lines(
+    doc: Document, frequent: Container[int], stats: StepStats
+) -> Document | None:
+    """`doc` without the lines whose `_line_hash` is in `frequent` (blank lines stay), counted in
+    `stats`: kept (as it was, or rewritten), or dropped when nothing but blank lines is left."""
+    lines = doc.text.splitlines(keepends=True)
+    kept = [line for line in lines if not (s := line.strip()) or _line_hash(s) not in frequent]
+    if len(kept) == len(lines):
+        stats.kept += 1
+        return doc
+    if any(line.strip() for line in kept):
+        stats.kept += 1
+        return replace(doc, text="".join(kept))
+    stats.drop("empty_after_line_dedup")
+    return None
+
+
 class LineDedup(Step):
     """Removes lines occurring more than `max_occurrences` times within each bucket, §3.1.1.
 
@@ -524,19 +546,9 @@ class LineDedup(Step):
         """Count the bucket's lines, then yield its documents without the frequent ones."""
         counts: Counter[int] = Counter()
         for doc in bucket:
-            counts.update(map(_line_hash, filter(None, map(str.strip, doc.text.splitlines()))))
+            counts.update(_line_hashes(doc.text))
         frequent = {h for h, n in counts.items() if n > self.max_occurrences}
         del counts
         for doc in bucket:
-            lines = doc.text.splitlines(keepends=True)
-            kept = [
-                line for line in lines if not (s := line.strip()) or _line_hash(s) not in frequent
-            ]
-            if len(kept) == len(lines):
-                stats.kept += 1
-                yield doc
-            elif any(line.strip() for line in kept):
-                stats.kept += 1
-                yield replace(doc, text="".join(kept))
-            else:
-                stats.drop("empty_after_line_dedup")
+            if (out := _without_frequent_lines(doc, frequent, stats)) is not None:
+                yield out

@@ -34,7 +34,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -54,7 +54,9 @@ from llama_data.dedup import (
     UrlDedup,
     _BadDateError,
     _crawl_timestamp,
+    _line_hashes,
     _normalize_text,
+    _without_frequent_lines,
     jaccard,
     normalize_url,
     shingle_set,
@@ -486,10 +488,6 @@ class ShardedLineDedup:
         return ShardedResult(outputs, _stats(filtered, "stats"), _stats(counts, "read"))
 
 
-def _line_hashes(text: str) -> list[int]:
-    return [xxhash.xxh3_64_intdigest(s.encode()) for s in map(str.strip, text.splitlines()) if s]
-
-
 def _count_task(index: int, part: Path, work: Path, base: str) -> dict[str, Any]:
     marker = work / f"count-{index:05d}.done.json"
     fingerprint = f"{base}:count:{index}"
@@ -567,32 +565,21 @@ def _line_filter_task(
         return done
     documents = json.loads((work / f"count-{index:05d}.done.json").read_text())["documents"]
     first, last = offset // step.bucket_size, (offset + max(documents, 1) - 1) // step.bucket_size
-    frequent: set[tuple[int, int]] = set()
+    frequent: dict[int, set[int]] = {}  # bucket -> hashes of its frequent lines
     for partition in range(step.partitions):
         with np.load(work / f"lreduce-{partition:05d}.npz") as data:
             bucket, hash_ = data["bucket"], data["hash"]  # each read once
             mine = (bucket >= first) & (bucket <= last)
-            frequent.update(zip(bucket[mine].tolist(), hash_[mine].tolist(), strict=True))
+            for b, h in zip(bucket[mine].tolist(), hash_[mine].tolist(), strict=True):
+                frequent.setdefault(b, set()).add(h)
     stats = StepStats()
 
     def kept() -> Any:
         for line, doc in enumerate(_read(part)):
             bucket = (offset + line) // step.bucket_size
-            lines = doc.text.splitlines(keepends=True)
-            kept_lines = [
-                x
-                for x in lines
-                if not (s := x.strip())
-                or (bucket, xxhash.xxh3_64_intdigest(s.encode())) not in frequent
-            ]
-            if len(kept_lines) == len(lines):
-                stats.kept += 1
-                yield doc
-            elif any(x.strip() for x in kept_lines):
-                stats.kept += 1
-                yield replace(doc, text="".join(kept_lines))
-            else:
-                stats.drop("empty_after_line_dedup")
+            out = _without_frequent_lines(doc, frequent.get(bucket, set()), stats)
+            if out is not None:
+                yield out
 
     write_jsonl(kept(), output)
     return _mark(marker, fingerprint, stats=stats.to_dict())
