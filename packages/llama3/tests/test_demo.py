@@ -54,10 +54,12 @@ def test_llama_demo_runs_every_stage_writes_its_report_and_reuses_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every stage prints its figure; report.md and the three plots exist; a second run reuses
-    every stage; --until stops early; changing one stage's option reruns it and what follows."""
+    every stage; --until stops early; changing one stage's option reruns it and what follows;
+    --no-progress shows no progress bar."""
     out = tmp_path / "out"
     assert demo_main(["--out", str(out), *TINY]) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capsys.readouterr()
+    assert "rejection sampling" not in errors and "%|" not in errors, errors  # --no-progress
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if bf16_is_fast(device) else "float32"
     for n, expected in enumerate(

@@ -168,6 +168,8 @@ class SampleConfig(_Section):
     vllm: dict[str, Any] = {}
     """Options for `vllm.LLM` with backend "vllm", e.g. ``{kv_cache_memory_bytes = 2e9}`` (on a
     CPU, or vLLM reserves a share of the host's RAM), ``{enforce_eager = true}``."""
+    progress: bool = True
+    """Show a progress bar over the prompts."""
 
     @model_validator(mode="after")
     def _check_backend(self) -> Self:

@@ -345,10 +345,14 @@ def run_sample(config: SampleConfig) -> Path:
 
         dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
         with VllmSampler.from_pretrained(config.model, dtype=dtype, **config.vllm) as sampler:
-            result = rejection_sample(sampler, scorer, chat, prompts, config.sampling)
+            result = rejection_sample(
+                sampler, scorer, chat, prompts, config.sampling, progress=config.progress
+            )
     else:
         engine = Engine.from_pretrained(config.model, dtype=config.dtype, tokenizer=tokenizer)
-        result = rejection_sample(engine, scorer, chat, prompts, config.sampling)
+        result = rejection_sample(
+            engine, scorer, chat, prompts, config.sampling, progress=config.progress
+        )
     write_rows(stage.work / "sft.jsonl", result.sft)
     if config.sampling.pairs:
         write_rows(stage.work / "pairs.jsonl", result.pairs)

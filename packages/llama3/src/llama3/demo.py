@@ -388,6 +388,7 @@ def sample(demo: Demo) -> dict[str, Any]:
             prompts=[demo.out / "task" / "prompts_heldout.jsonl"],
             out=demo.out / "sample",
             sampling=SamplingSettings(k=k, temperature=1.0, top_p=1.0, max_tokens=64),
+            progress=demo.progress,
         )
     )
     s = _results(stage)["sampling"]
