@@ -248,6 +248,7 @@ def plot_scaling_law(
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     by_budget = _group_runs(runs)
     parabolas = {c: _isoflops_parabola(t, y, budget=c) for c, (t, y) in by_budget.items()}
@@ -271,6 +272,7 @@ def plot_scaling_law(
         t_star, loss_star = minima[compute]
         curves.scatter([t_star], [loss_star], color=color, marker="*", s=140, edgecolor="black")
     curves.set_xscale("log")
+    curves.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap in a decade
     curves.set_xlabel("training tokens")
     curves.set_ylabel("validation loss")
     curves.set_title("IsoFLOPs curves and fitted minima (★)")
