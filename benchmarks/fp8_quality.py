@@ -71,7 +71,7 @@ from llama3.demo import docstring_corpus
 from llama_data import Document, write_token_shards
 from llama_kernels import SCALE_UB, Fp8RowwiseLinear, bf16_is_fast
 from llama_model import Llama, Tokenizer, load_checkpoint
-from llama_serve import load_fp8_checkpoint, quantize_fp8, save_fp8_checkpoint
+from llama_serve import compare_logits, load_fp8_checkpoint, quantize_fp8, save_fp8_checkpoint
 from llama_train import TrainConfig, Trainer
 
 HOLD_OUT_EVERY = 10  # every 10th document is scored, never trained on
@@ -290,16 +290,14 @@ def compare_variants(
         for tokens in documents:
             ids = torch.tensor([tokens])  # [1, T]
             targets = ids[0, 1:, None]  # [T - 1, 1]
-            logp = {  # [T - 1, vocab] each
-                name: F.log_softmax(model(ids)[0, :-1].float(), dim=-1)
-                for name, model in models.items()
-            }
-            for name, logits in logp.items():
-                nll[name] -= float(logits.gather(-1, targets).sum())
+            logits = {name: model(ids)[0, :-1] for name, model in models.items()}  # [T - 1, V]
+            for name, values in logits.items():
+                logp = F.log_softmax(values.float(), dim=-1)
+                nll[name] -= float(logp.gather(-1, targets).sum())
             for name, reference, variant in pairs:
-                ref, var = logp[reference], logp[variant]
-                kls[name].append((ref.exp() * (ref - var)).sum(-1).clamp_min(0))  # [T - 1]
-                agree[name] += int((ref.argmax(-1) == var.argmax(-1)).sum())
+                kl, same = compare_logits(logits[reference], logits[variant])  # [T - 1] each
+                kls[name].append(kl)
+                agree[name] += int(same.sum())
     eval_s = time.perf_counter() - start
     rows = []
     for name, reference, variant in pairs:

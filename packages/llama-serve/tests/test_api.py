@@ -15,6 +15,7 @@ EXPECTED = [
     "RequestOutput",
     "CompletionOutput",
     "quantize_fp8",
+    "compare_logits",
     "save_fp8_checkpoint",
     "load_fp8_checkpoint",
     "is_fp8_checkpoint",

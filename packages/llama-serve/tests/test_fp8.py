@@ -289,3 +289,32 @@ def test_quantize_fp8_rejects_models_it_cannot_quantize() -> None:
     twice = quantize_fp8(_llama(n_layers=3))
     with pytest.raises(TypeError, match=r"layers\.1\.feed_forward\.w1 .*already quantized"):
         quantize_fp8(twice)
+
+
+def test_compare_logits_matches_float64_kl_and_argmax() -> None:
+    """Per-token KL(reference || candidate) against float64 math (tolerance 1e-5 nats: the
+    log-softmaxes are float32, whose rounding on a 97-way softmax stays below that), top-1
+    agreement against argmax, shapes without the vocabulary axis; a copy gives 0 and all True."""
+    from llama_serve import compare_logits
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(3, 5, 97, generator=generator) * 3
+    candidate = reference + 0.3 * torch.randn(3, 5, 97, generator=generator)
+    candidate[0, 0] = -candidate[0, 0]  # one token where the two surely disagree
+    kl, agree = compare_logits(reference.bfloat16(), candidate.bfloat16())
+    assert kl.shape == agree.shape == (3, 5) and kl.dtype == torch.float32
+    p = torch.log_softmax(reference.bfloat16().double(), dim=-1)
+    q = torch.log_softmax(candidate.bfloat16().double(), dim=-1)
+    expected = (p.exp() * (p - q)).sum(-1)
+    torch.testing.assert_close(kl.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(agree, reference.bfloat16().argmax(-1) == candidate.bfloat16().argmax(-1))
+    assert not agree[0, 0] and agree.sum() > 1 and kl[0, 0] > 1
+    same_kl, same_agree = compare_logits(reference, reference.clone())
+    assert torch.equal(same_kl, torch.zeros(3, 5)) and bool(same_agree.all())
+
+
+def test_compare_logits_refuses_mismatched_shapes() -> None:
+    from llama_serve import compare_logits
+
+    with pytest.raises(ValueError, match=r"one shape \[..., vocab\], got \(2, 97\) and \(2, 96\)"):
+        compare_logits(torch.zeros(2, 97), torch.zeros(2, 96))

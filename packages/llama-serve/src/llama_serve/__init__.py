@@ -6,7 +6,7 @@ batching with chunked prefill and preemption by recomputation, and per-request s
 And the FP8 inference recipe of §6.2 (`quantize_fp8`): which matmuls of a `llama_model.Llama` run
 in FP8, on top of `llama_kernels.Fp8RowwiseLinear`, and FP8 checkpoints in the `fbgemm_fp8` layout
 Meta released Llama 3.1 405B Instruct FP8 in or in compressed-tensors' FP8 layout
-(`save_fp8_checkpoint`, `llama-serve quantize`).
+(`save_fp8_checkpoint`, `llama-serve quantize`), and how close its logits stay (`compare_logits`).
 And the OpenAI-compatible server (`build_app`, `llama-serve serve`) over a `Backend` (this
 engine, `NativeBackend`, or vLLM's), with Llama 3.1 tool calls and guard shields (§5.4.7:
 `LlamaGuardShield`, or any `Shield`).
@@ -15,7 +15,7 @@ engine, `NativeBackend`, or vLLM's), with Llama 3.1 tool calls and guard shields
 from llama_serve.async_engine import AsyncEngine
 from llama_serve.backend import Backend, BackendLoad, NativeBackend
 from llama_serve.engine import Engine, EngineConfig, Prompt
-from llama_serve.fp8 import quantize_fp8
+from llama_serve.fp8 import compare_logits, quantize_fp8
 from llama_serve.fp8_checkpoint import is_fp8_checkpoint, load_fp8_checkpoint, save_fp8_checkpoint
 from llama_serve.guard import (
     LLAMA_GUARD_CATEGORIES,
@@ -42,6 +42,7 @@ __all__ = [
     "CompletionOutput",
     # FP8 inference (§6.2)
     "quantize_fp8",
+    "compare_logits",
     "save_fp8_checkpoint",
     "load_fp8_checkpoint",
     "is_fp8_checkpoint",

@@ -20,12 +20,13 @@ recipe quantizes) is returned as it was.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from llama_kernels import SCALE_UB, Fp8RowwiseLinear
 from llama_model import Llama
 
-__all__ = ["quantize_fp8"]
+__all__ = ["compare_logits", "quantize_fp8"]
 
 # §6.2: FP8 in the feed-forward network only (not in self-attention): SwiGLU's gate (w1), down (w2)
 # and up (w3) projections, under Meta's names as in llama_model.
@@ -108,3 +109,28 @@ def _check_scale_ub(scale_ub: float) -> float:
             f"{SCALE_UB}; math.inf for no cap), got {scale_ub!r}"
         )
     return float(scale_ub)
+
+
+def compare_logits(
+    reference: torch.Tensor, candidate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far `candidate`'s next-token distributions are from `reference`'s, token by token.
+
+    Both are logits of the same shape, [..., vocab] (say bf16 and FP8 forwards of one batch).
+    Returns (kl, agree), each shaped like the logits without the vocabulary axis: ``kl`` is
+    KL(reference || candidate) in nats, computed from log-softmaxes in float32 and clamped at 0
+    (rounding can make an exact match come out a hair below), and ``agree`` is True where both
+    put their largest logit on the same token (top-1 agreement). Memory: a few float32 copies of
+    the logits, so call it on a document or a few rows at a time with a large vocabulary.
+
+    Raises ValueError if the shapes differ or there is no vocabulary axis.
+    """
+    if reference.shape != candidate.shape or reference.dim() < 1:
+        raise ValueError(
+            "compare_logits needs two logit tensors of one shape [..., vocab], got "
+            f"{tuple(reference.shape)} and {tuple(candidate.shape)}"
+        )
+    ref = torch.log_softmax(reference.float(), dim=-1)
+    cand = torch.log_softmax(candidate.float(), dim=-1)
+    kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0)
+    return kl, reference.argmax(-1) == candidate.argmax(-1)
