@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,10 @@ def test_llama_demo_runs_every_stage_writes_its_report_and_reuses_it(
     ):
         assert f"[{n}/9] {expected}" in printed, printed
     assert "reused" not in printed
+    figure = (
+        r"loss \d+\.\d\d -> \d+\.\d\d \(mean of the first/last 1\); held-out \d+\.\d\d vs unigram"
+    )
+    assert re.search(figure, printed), printed
     results = {s.name: json.loads((out / "stages" / f"{s.name}.json").read_text()) for s in STAGES}
     pretrain = results["pretrain"]["results"]
     assert 0 < pretrain["unigram_entropy"] < pretrain["first_loss"]  # a random model is worse
