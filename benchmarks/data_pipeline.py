@@ -59,19 +59,24 @@ import xxhash
 
 from bench_common import cpu_name, timed
 from llama_data import (
+    Document,
     ExactDedup,
     GopherQualityFilter,
     GopherRepetitionFilter,
     LanguageFilter,
+    MinHasher,
+    NearDedup,
+    NearDedupConfig,
     PiiScrubber,
     Pipeline,
+    Step,
+    StepStats,
+    near_duplicate_clusters,
     read_jsonl,
+    shingle_set,
     write_jsonl,
 )
 from llama_data.cli import load_pipeline
-from llama_data.dedup import NearDedup, NearDedupConfig, near_duplicate_clusters, shingle_set
-from llama_data.document import Document, Step, StepStats
-from llama_data.minhash import MinHasher
 
 NUM_PERM = 128
 NGRAM = 5

@@ -50,8 +50,8 @@ import torch
 from bench_common import cpu_name, timed
 from llama_data import Document, write_token_shards
 from llama_model import LlamaConfig, count_parameters
+from llama_train import BatchRamp, BatchStage
 from llama_train.data import BatchLoader, DataSource
-from llama_train.schedules import BatchRamp, BatchStage
 
 # A model big enough that whole-model copies dominate the interpreter (about 0.9 GB in float32),
 # small enough for the old export path (about 4 copies) to fit this 24 GiB machine.
