@@ -10,6 +10,7 @@ EXPECTED = [
     "TrainConfig", "Trainer", "TrainResult", "ParallelDims", "bf16_is_fast",
     "BatchRamp", "BatchStage", "ContextSchedule", "ContextStage", "LrSchedule", "annealed_lr",
     "CheckpointAverage", "average_state_dicts", "MetricsLogger", "METRICS_FILE",
+    "LinearLogProbs", "linear_log_probs",
     "PowerLaw", "compute_optimal", "fit_from_runs", "fit_power_law", "plot_scaling_law",
 ]  # fmt: skip
 

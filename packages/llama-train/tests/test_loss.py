@@ -1,4 +1,5 @@
-"""Tests for llama_train.loss: the chunked `linear_cross_entropy` against the plain loss.
+"""Tests for llama_train.loss: the chunked `linear_cross_entropy` and `linear_log_probs` against
+the plain loss and log-softmax.
 
 The oracle is `summed_cross_entropy` of the materialised logits `hidden @ weight.T` (PyTorch's
 `F.cross_entropy`, differentiated by autograd), and for float64 a log-softmax written out here.
@@ -16,7 +17,13 @@ import torch
 import llama_train.loss as loss_module
 from llama_model import Documents
 from llama_train.data import IGNORE_INDEX
-from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
+from llama_train.loss import (
+    LinearCrossEntropy,
+    LinearLogProbs,
+    linear_cross_entropy,
+    linear_log_probs,
+    summed_cross_entropy,
+)
 
 ROWS, VOCAB, DIM = 37, 101, 16
 
@@ -296,10 +303,243 @@ def test_kept_buffers_give_the_functional_result_call_after_call() -> None:
             leaves = [(h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(), t)
                       for h, w, t in (first, second)]  # fmt: skip
             losses = [loss_fn(h, w, t) for h, w, t in leaves]
-            pointers = {name: b.data_ptr() for name, b in loss_fn._buffers.items()}
+            pointers = {name: b.data_ptr() for name, b in loss_fn._buffers.tensors.items()}
             loss_fn(*leaves[0])  # a third call, after both: the same buffers again
-            assert {name: b.data_ptr() for name, b in loss_fn._buffers.items()} == pointers
+            assert {name: b.data_ptr() for name, b in loss_fn._buffers.tensors.items()} == pointers
         for loss, (h, w, _), want in zip(losses, leaves, expected, strict=True):
             loss.backward()  # type: ignore[no-untyped-call]
             assert h.grad is not None and w.grad is not None
             _close((loss.detach(), h.grad, w.grad), want, rtol=0.0, atol=0.0)
+
+
+# ---- linear_log_probs: log softmax(hidden @ weight.T)[target] per row ----
+
+
+def _plain_log_probs(hidden: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The oracle: materialised logits (under autocast when it is on), float32 log_softmax."""
+    logits = hidden @ weight.T  # [..., vocab]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, t[..., None]).squeeze(-1)
+
+
+def _log_prob_grads(
+    fn: object,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    upstream: torch.Tensor,
+    **kw: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs, d/d hidden, d/d weight) of sum(upstream * fn(...)): a different incoming
+    gradient per row, as DPO's per-sequence weights give, on fresh copies of the leaves."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logps = fn(h, w, targets, **kw)  # type: ignore[operator]
+    (logps * upstream).sum().backward()
+    assert h.grad is not None and w.grad is not None
+    return logps.detach(), h.grad, w.grad
+
+
+def _log_prob_inputs(
+    rows: int = ROWS, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden, weight, targets (none ignored) and an upstream gradient [rows] of both signs."""
+    hidden, weight, targets = _inputs(rows, seed=seed, ignored=0.0, dtype=dtype)
+    upstream = torch.randn(rows, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
+    return hidden, weight, targets, upstream
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, 36, 37, 64])
+def test_log_probs_and_gradients_match_log_softmax(chunk_size: int) -> None:
+    """float32, rows not a multiple of the chunk, a different upstream gradient per row: the same
+    log-probs and gradients as log_softmax of the materialised logits."""
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    ours = _log_prob_grads(
+        linear_log_probs, hidden, weight, targets, upstream, chunk_size=chunk_size
+    )
+    ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)
+    assert ours[0].dtype == torch.float32 and ours[0].shape == (ROWS,)
+    _close(ours, ref, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_log_probs_float64_match_a_written_out_log_softmax() -> None:
+    """float64 inputs compute in float64: equal to target logit - logsumexp to 1e-12."""
+    hidden, weight, targets, upstream = _log_prob_inputs(dtype=torch.float64)
+
+    def oracle(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = h @ w.T  # [N, vocab], float64
+        top = logits.max(1, keepdim=True).values
+        lse = top.squeeze(1) + (logits - top).exp().sum(1).log()
+        return logits.gather(1, t[:, None]).squeeze(1) - lse
+
+    ours = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream, chunk_size=8)
+    assert ours[0].dtype == torch.float64
+    ref = _log_prob_grads(oracle, hidden, weight, targets, upstream)
+    _close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_log_probs_keep_the_targets_shape() -> None:
+    """hidden [B, T, dim] with targets [B, T]: log-probs [B, T], equal to the flat rows'."""
+    hidden, weight, targets, upstream = _log_prob_inputs(rows=36)
+    flat = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream, chunk_size=7)
+    shaped = _log_prob_grads(
+        linear_log_probs, hidden.reshape(4, 9, DIM), weight, targets.reshape(4, 9),
+        upstream.reshape(4, 9), chunk_size=7,
+    )  # fmt: skip
+    assert shaped[0].shape == (4, 9) and shaped[1].shape == (4, 9, DIM)
+    _close((shaped[0].flatten(), shaped[1].reshape(36, DIM), shaped[2]), flat, rtol=0, atol=0)
+
+
+def test_log_probs_under_bf16_autocast_match_the_autocast_oracle() -> None:
+    """Under CPU bf16 autocast the matmuls run in bf16 (the log-probs move away from float32's)
+    and match the autocast oracle's; float32 results and gradients."""
+    hidden, weight, targets, upstream = _log_prob_inputs(rows=300, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream, chunk_size=64)
+        ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)
+    exact = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)[0]
+    assert all(t.dtype == torch.float32 for t in ours)
+    assert float((ours[0] - exact).abs().max()) > 1e-3  # bf16 logits, not float32 ones
+    torch.testing.assert_close(ours[0], ref[0], rtol=F32_RTOL, atol=F32_ATOL)
+    # Gradients: as in test_bf16_autocast_matches_plain_autocast_loss (bf16 matmuls on both sides,
+    # ours summed over chunks in float32): a few bf16 ulps of the largest entry.
+    for a, b in zip(ours[1:], ref[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-6, atol=2**-6 * float(b.abs().max()))
+
+
+def test_log_probs_without_grad_mode_have_no_graph() -> None:
+    """Under no_grad (a frozen reference model) the same values come back with no graph."""
+    hidden, weight, targets, _ = _log_prob_inputs()
+    with torch.no_grad():
+        logps = linear_log_probs(hidden, weight, targets, chunk_size=8)
+        ref = _plain_log_probs(hidden, weight, targets)
+    assert logps.grad_fn is None
+    torch.testing.assert_close(logps, ref, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_log_probs_give_a_frozen_weight_no_gradient() -> None:
+    """Only hidden requires grad (a frozen output layer under LoRA): hidden's gradient is the
+    oracle's and the weight gets none."""
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    frozen = weight.detach()
+    h = hidden.detach().clone().requires_grad_()
+    (linear_log_probs(h, frozen, targets, chunk_size=8) * upstream).sum().backward()
+    ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)[1]
+    assert frozen.grad is None and h.grad is not None
+    torch.testing.assert_close(h.grad, ref, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_log_probs_of_no_rows_are_empty_with_zero_gradients() -> None:
+    """Zero rows (a batch with nothing to score): an empty result and zero gradients."""
+    hidden, weight, targets, upstream = _log_prob_inputs(rows=0)
+    logps, grad_h, grad_w = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream)
+    assert logps.shape == (0,) and grad_h.shape == (0, DIM)
+    assert bool((grad_w == 0).all())
+
+
+def test_log_probs_with_a_wrong_chunk_boundary_fail_the_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Negative control: chunks that skip the last row of each chunk fail the comparison."""
+
+    def short_chunks(rows: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+        for start in range(0, rows, chunk_size):
+            yield start, min(start + chunk_size, rows) - 1
+
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)
+    monkeypatch.setattr(loss_module, "_chunk_bounds", short_chunks)
+    ours = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream, chunk_size=8)
+    with pytest.raises(AssertionError):
+        _close(ours, ref, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("ignored", r"outside the vocabulary \[0, 101\)$"),
+        ("target", "outside the vocabulary"),
+        ("shape", "leading shape"),
+        ("chunk", "chunk_size"),
+    ],
+)
+def test_log_probs_name_bad_arguments(change: str, message: str) -> None:
+    """Wrong inputs raise an error naming the value; IGNORE_INDEX is not a target here."""
+    hidden, weight, targets, _ = _log_prob_inputs()
+    chunk_size = 8
+    if change in ("ignored", "target"):
+        targets = targets.clone()
+        targets[3] = IGNORE_INDEX if change == "ignored" else VOCAB
+    elif change == "shape":
+        targets = targets[:-1]
+    else:
+        chunk_size = 0
+    with pytest.raises(ValueError, match=message):
+        linear_log_probs(hidden, weight, targets, chunk_size=chunk_size)
+
+
+def test_log_probs_refuse_a_double_backward() -> None:
+    """The gradient is computed without a graph: asking for its gradient is an error."""
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    h, u = hidden.detach().clone().requires_grad_(), upstream.requires_grad_()
+    logps = linear_log_probs(h, weight.detach(), targets)
+    (grad,) = torch.autograd.grad((logps * u).sum(), h, create_graph=True)  # depends on u
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_log_probs_model_gradients_match_the_logits_path(tied: bool) -> None:
+    """On a tiny Llama: hidden_states + linear_log_probs against output_weight() gives the
+    log-probs and every parameter gradient of log_softmax(model(...)) (tied: the output weight is
+    the embedding table, used twice)."""
+    config = _common.tiny_config(tie_word_embeddings=tied)
+    model = _common.tiny_model(config)
+    batch = _common.tiny_batch(config)
+    targets = batch.targets.clamp(min=0)
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(5))
+
+    def grads(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if fused:
+            hidden = model.hidden_states(batch.tokens)
+            logps = linear_log_probs(hidden, model.output_weight(), targets, chunk_size=24)
+        else:
+            logits = model(batch.tokens)
+            logps = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+        (logps * upstream).sum().backward()
+        return logps.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    logps, fused = grads(True)
+    ref_logps, ref = grads(False)
+    torch.testing.assert_close(logps, ref_logps, rtol=F32_RTOL, atol=F32_ATOL)
+    assert fused.keys() == ref.keys()
+    for name, grad in ref.items():  # tolerance as in the cross-entropy test above
+        atol = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(fused[name], grad, rtol=F32_RTOL, atol=atol, msg=name)
+
+
+def test_kept_log_prob_buffers_serve_two_results_before_either_backward() -> None:
+    """LinearLogProbs: a policy pass and a second pass of another row count, both computed before
+    either backward (DPO's pattern), equal linear_log_probs' (float32 and bf16 autocast), and a
+    third call reuses the same buffers."""
+    log_probs = LinearLogProbs(chunk_size=8)
+    first, second = _log_prob_inputs(rows=37, seed=3), _log_prob_inputs(rows=20, seed=4)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = [
+                _log_prob_grads(linear_log_probs, *x, chunk_size=8) for x in (first, second)
+            ]
+            leaves = [(h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(), t)
+                      for h, w, t, _ in (first, second)]  # fmt: skip
+            results = [log_probs(h, w, t) for h, w, t in leaves]
+            pointers = {name: b.data_ptr() for name, b in log_probs._buffers.tensors.items()}
+            log_probs(*leaves[0])
+            assert {n: b.data_ptr() for n, b in log_probs._buffers.tensors.items()} == pointers
+        for logps, (h, w, _), (*_, upstream), want in zip(
+            results, leaves, (first, second), expected, strict=True
+        ):
+            (logps * upstream).sum().backward()
+            assert h.grad is not None and w.grad is not None
+            _close((logps.detach(), h.grad, w.grad), want, rtol=0.0, atol=0.0)

@@ -15,6 +15,10 @@ Two ways to compute the same sum:
   here in plain PyTorch. On the debug model's loss (1,024 rows, bf16 autocast, 2 CPU threads) it
   is 1.8x faster than the plain loss (2.0x with `LinearCrossEntropy`'s kept buffers) and its peak
   adds 470 MiB instead of 1,585 (benchmarks/loss_cpu.py).
+
+The same chunking serves post-training, which needs the log-probability of each target rather than
+their sum (llama-align's SFT and DPO): `linear_log_probs(hidden, weight, targets)` returns one
+per row and is differentiable for any loss built on them (`LinearLogProbs` keeps its buffers).
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 
 from llama_train.data import IGNORE_INDEX
 
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "summed_cross_entropy"]
+__all__ = [
+    "LinearCrossEntropy",
+    "LinearLogProbs",
+    "linear_cross_entropy",
+    "linear_log_probs",
+    "summed_cross_entropy",
+]
 
 # Rows of hidden states per chunk. A chunk holds [chunk, vocab] logits in the compute dtype and
 # their float32 probabilities (the gradient reuses the logits' buffer): 256 rows x 128,256 classes
@@ -104,36 +115,78 @@ class LinearCrossEntropy:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers = _KeptBuffers()
 
     def __call__(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """The summed cross-entropy of `hidden @ weight.T` (see `linear_cross_entropy`)."""
-        return _linear_cross_entropy(hidden, weight, targets, self.chunk_size, self._buffer)
+        return _linear_cross_entropy(hidden, weight, targets, self.chunk_size, self._buffers)
 
-    def _buffer(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] for every row, without the [rows, vocab] logits.
+
+    What post-training needs of the output layer: the log-probability of one chosen token per
+    position (SFT's loss sums them, DPO's sums them per sequence and weighs each sequence by its
+    own sigmoid). Equal to ``log_softmax(hidden @ weight.T).gather(targets)`` up to rounding; the
+    result has `targets`' shape, float32 (float64 for float64 inputs), and it is differentiable with
+    respect to `hidden` and `weight` for any incoming gradient.
+
+    The rows are processed `chunk_size` at a time. The forward keeps only the inputs; the backward
+    computes each chunk's logits a second time (one more [chunk, dim] x [dim, vocab] matmul) and
+    from them the softmax, d logp_i / d logit_ij = [j == t_i] - softmax_ij scaled by the incoming
+    gradient of row i, and that chunk's share of both gradients. Unlike `linear_cross_entropy`,
+    whose scalar loss lets its gradients be computed in the forward and scaled afterwards, a
+    per-row result has a gradient that depends on the caller's loss, hence the second matmul.
+
+    Dtypes are `linear_cross_entropy`'s: matmuls in the autocast dtype when autocast is on (else
+    `torch.promote_types(hidden, weight)`), softmax and log-sum-exp in float32 (float64), the
+    gradient rounded to the compute dtype for the backward matmuls, the weight gradient summed
+    over chunks in float32 and returned in the dtypes of `hidden` and `weight`.
+
+    Args:
+        hidden: final (normed) hidden states [B, T, dim] or [N, dim].
+        weight: the output projection [vocab, dim] as a plain tensor (`Llama.output_weight()`), not
+            a DTensor (project with the model in sharded layouts).
+        targets: token ids [B, T] or [N], each in [0, vocab) (no `IGNORE_INDEX`: select the
+            positions to score first).
+        chunk_size: rows per chunk (buffers of chunk_size x vocab x 6 bytes under bf16 autocast).
+
+    Its gradient is not itself differentiable (no double backward). `LinearLogProbs` is the same
+    with its buffers kept between calls.
+    """
+    return _linear_log_probs(hidden, weight, targets, chunk_size, _fresh)
+
+
+class LinearLogProbs:
+    """`linear_log_probs` that keeps its working buffers between calls, for a training loop.
+
+    The buffers (the chunk's logits and float32 softmax, the compute-dtype copy of the weight and
+    the partial weight gradient) are scratch space used during one forward or one backward, so
+    several results may be computed before their backward (DPO's policy and reference passes).
+    Under bf16 autocast with Llama 3's vocabulary and dim 128: 256 x 128,256 x 6 + 2 x 128,256 x
+    128 x 2 bytes = 263 MB kept. Not for concurrent calls from several threads.
+    """
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        _check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+        self._buffers = _KeptBuffers()
+
+    def __call__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """The kept buffer `name` if it fits (same dtype, device and trailing sizes, at least as
-        many rows), else a new one kept in its place; returned at exactly `shape`."""
-        kept = self._buffers.get(name)
-        fits = (
-            kept is not None
-            and kept.dtype == dtype
-            and kept.device == device
-            and kept.shape[1:] == shape[1:]
-            and kept.shape[0] >= shape[0]
-        )
-        if not fits:
-            self._buffers.pop(name, None)  # free the old one before allocating
-            kept = torch.empty(shape, dtype=dtype, device=device)
-            self._buffers[name] = kept
-        assert kept is not None
-        return kept[: shape[0]]
+        """log softmax(hidden @ weight.T)[targets] (see `linear_log_probs`)."""
+        return _linear_log_probs(hidden, weight, targets, self.chunk_size, self._buffers)
 
 
 # (name, shape, dtype, device) -> an uninitialised tensor of that shape: where buffers come from.
@@ -146,6 +199,33 @@ def _fresh(
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class _KeptBuffers:
+    """An `_Allocator` that keeps one buffer per name and hands it out again while it fits."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The kept buffer `name` if it fits (same dtype, device and trailing sizes, at least as
+        many rows), else a new one kept in its place; returned at exactly `shape`."""
+        kept = self.tensors.get(name)
+        fits = (
+            kept is not None
+            and kept.dtype == dtype
+            and kept.device == device
+            and kept.shape[1:] == shape[1:]
+            and kept.shape[0] >= shape[0]
+        )
+        if not fits:
+            self.tensors.pop(name, None)  # free the old one before allocating
+            kept = torch.empty(shape, dtype=dtype, device=device)
+            self.tensors[name] = kept
+        assert kept is not None
+        return kept[: shape[0]]
+
+
 def _linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -156,11 +236,7 @@ def _linear_cross_entropy(
     _check_arguments(hidden, weight, targets, chunk_size)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [N, dim]
     targets_1d = targets.reshape(-1)  # [N]
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute = torch.get_autocast_dtype(device_type)
-    else:
-        compute = torch.promote_types(hidden.dtype, weight.dtype)
+    compute = _compute_dtype(hidden, weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss: torch.Tensor = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
             hidden_2d, weight, targets_1d, chunk_size, compute, allocate
@@ -230,48 +306,22 @@ def _chunked(
 
     hidden [N, dim], weight [vocab, dim], targets [N]; `needs` says which gradient to compute;
     `allocate` gives the working buffers (the gradients returned are always fresh tensors).
-
-    Per chunk, with x the logits of a row, m = max x and p = softmax(x) (PyTorch's fused softmax
-    kernel, in place): log-sum-exp = m - log(max p), exact up to rounding because max p =
-    1 / sum exp(x - m) lies in [1 / vocab, 1] (no underflow); loss = log-sum-exp - x_target;
-    d loss / d x = p - onehot(target)."""
-    rows, vocab = hidden.shape[0], weight.shape[0]
+    Per chunk: loss = log-sum-exp - x_target (`_softmax_log_sum_exp`); d loss / d x = p -
+    onehot(target)."""
     acc = torch.promote_types(compute, torch.float32)  # softmax and sums: float32 (or float64)
     device = hidden.device
     with torch.autocast(device.type, enabled=False):  # every dtype below is chosen explicitly
         loss = torch.zeros((), dtype=acc, device=device)
-        if rows == 0:
+        if hidden.shape[0] == 0:
             return _finish(loss, None, None, hidden, weight, needs)
-        h = hidden.to(compute)  # [N, dim]
-        w = weight  # [vocab, dim]
-        if weight.dtype != compute:
-            w = allocate("weight", tuple(weight.shape), compute, device).copy_(weight)
+        h, w = hidden.to(compute), _weight_in(weight, compute, allocate)  # [N, dim], [vocab, dim]
         valid = targets != IGNORE_INDEX  # [N]
         safe_targets = targets.long().masked_fill(~valid, 0)  # [N], ignored rows -> class 0
-        width = min(chunk_size, rows)
-        # Buffers reused by every chunk (on CPU a fresh [chunk, vocab] tensor costs page faults):
-        # logits in the compute dtype, probabilities in float32 (the same buffer when they agree),
-        # the gradient of the logits in the compute dtype.
-        probs_buf = allocate("probs", (width, vocab), acc, device)
-        logits_buf = (
-            probs_buf if compute == acc else allocate("logits", (width, vocab), compute, device)
-        )
-        grad_h = torch.empty_like(h) if needs[0] else None  # [N, dim], compute dtype
-        grad_w = torch.empty(vocab, w.shape[1], dtype=acc, device=device) if needs[1] else None
-        partial_w = None
-        if grad_w is not None and compute != acc:
-            partial_w = allocate("partial_weight_grad", tuple(w.shape), compute, device)
-        for start, stop in _chunk_bounds(rows, chunk_size):
-            n = stop - start
-            h_c, t_c, valid_c = h[start:stop], safe_targets[start:stop, None], valid[start:stop]
-            logits = torch.mm(h_c, w.t(), out=logits_buf[:n])  # [n, vocab], compute dtype
-            row_max = logits.amax(dim=1, keepdim=True)  # [n, 1]
+        grad_h, grad_w, partial_w = _gradient_buffers(h, w, needs, allocate)
+        for start, stop, logits, probs in _chunk_logits(h, w, chunk_size, allocate):
+            t_c, valid_c = safe_targets[start:stop, None], valid[start:stop]
             target_logit = logits.gather(1, t_c).to(acc)  # [n, 1]
-            probs = probs_buf[:n]
-            if probs is not logits:
-                probs.copy_(logits)  # float32 copy of this chunk only
-            torch.softmax(probs, dim=1, out=probs)  # [n, vocab], float32, in place
-            log_sum_exp = row_max.to(acc) - probs.amax(dim=1, keepdim=True).log()  # [n, 1]
+            log_sum_exp = _softmax_log_sum_exp(logits, probs)  # [n, 1]; probs = softmax
             loss = loss + torch.where(valid_c, (log_sum_exp - target_logit).squeeze(1), 0.0).sum()
             if grad_h is None and grad_w is None:
                 continue
@@ -283,20 +333,94 @@ def _chunked(
                 probs.index_fill_(0, (~valid_c).nonzero().flatten(), 0.0)
             else:
                 probs.masked_fill_(~valid_c[:, None], 0.0)
-            grad = probs if compute == acc else logits.copy_(probs)  # [n, vocab], compute dtype
-            if grad_h is not None:
-                torch.mm(grad, w, out=grad_h[start:stop])  # [n, dim]
-            if grad_w is not None:
-                first = start == 0
-                if partial_w is None:  # float32 or float64: accumulate in the matmul
-                    if first:
-                        torch.mm(grad.t(), h_c, out=grad_w)  # [vocab, dim]
-                    else:
-                        grad_w.addmm_(grad.t(), h_c)
-                else:  # bf16 matmul, summed over chunks in float32
-                    torch.mm(grad.t(), h_c, out=partial_w)  # [vocab, dim], compute dtype
-                    _accumulate(grad_w, partial_w, first=first)
+            _add_chunk_gradients(
+                probs, logits, h, w, start, stop, grad_h=grad_h, grad_w=grad_w, partial_w=partial_w
+            )
         return _finish(loss, grad_h, grad_w, hidden, weight, needs)
+
+
+def _weight_in(weight: torch.Tensor, compute: torch.dtype, allocate: _Allocator) -> torch.Tensor:
+    """The weight in the compute dtype: itself, or a copy in the kept "weight" buffer."""
+    if weight.dtype == compute:
+        return weight
+    return allocate("weight", tuple(weight.shape), compute, weight.device).copy_(weight)
+
+
+def _chunk_logits(
+    h: torch.Tensor, w: torch.Tensor, chunk_size: int, allocate: _Allocator
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """For each chunk of the rows of h [N, dim]: (start, stop, logits, probs) with logits =
+    h[start:stop] @ w.T [n, vocab] in h's and w's (compute) dtype and `probs` an uninitialised
+    [n, vocab] buffer in float32 (float64), the logits' own when the dtypes agree. Both buffers
+    are reused by every chunk (on CPU a fresh [chunk, vocab] tensor costs page faults). Call with
+    autocast disabled."""
+    rows, vocab, device = h.shape[0], w.shape[0], h.device
+    acc = torch.promote_types(h.dtype, torch.float32)
+    width = min(chunk_size, rows)
+    probs_buf = allocate("probs", (width, vocab), acc, device)
+    logits_buf = (
+        probs_buf if h.dtype == acc else allocate("logits", (width, vocab), h.dtype, device)
+    )
+    for start, stop in _chunk_bounds(rows, chunk_size):
+        logits = torch.mm(h[start:stop], w.t(), out=logits_buf[: stop - start])  # [n, vocab]
+        yield start, stop, logits, probs_buf[: stop - start]
+
+
+def _softmax_log_sum_exp(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Write softmax(logits) into `probs` (float32 or float64, PyTorch's fused kernel, in place;
+    `probs` may be `logits` itself: read the logits before) and return the rows' log-sum-exp
+    [n, 1] as m - log(max p), with m = max x: exact up to rounding because max p = 1 / sum
+    exp(x - m) lies in [1 / vocab, 1] (no underflow)."""
+    row_max = logits.amax(dim=1, keepdim=True).to(probs.dtype)  # [n, 1]
+    if probs is not logits:
+        probs.copy_(logits)  # float32 copy of this chunk only
+    torch.softmax(probs, dim=1, out=probs)
+    return row_max - probs.amax(dim=1, keepdim=True).log()
+
+
+def _gradient_buffers(
+    h: torch.Tensor, w: torch.Tensor, needs: tuple[bool, bool], allocate: _Allocator
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad h [N, dim] in the compute dtype, grad w [vocab, dim] in float32 (float64), the kept
+    compute-dtype partial weight gradient when that differs), each None when not needed."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    grad_h = torch.empty_like(h) if needs[0] else None
+    grad_w = torch.empty(w.shape, dtype=acc, device=w.device) if needs[1] else None
+    partial_w = None
+    if grad_w is not None and h.dtype != acc:
+        partial_w = allocate("partial_weight_grad", tuple(w.shape), h.dtype, w.device)
+    return grad_h, grad_w, partial_w
+
+
+def _add_chunk_gradients(
+    grad_logits: torch.Tensor,
+    logits: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    start: int,
+    stop: int,
+    *,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    partial_w: torch.Tensor | None,
+) -> None:
+    """Given a chunk's d/d logits [n, vocab] (float32 or float64), write its rows of grad_h and
+    add its share of grad_w (the first chunk sets it). The gradient is rounded to the compute
+    dtype into the logits' buffer for the matmuls; a bf16 weight gradient is summed in float32."""
+    grad = grad_logits if logits is grad_logits else logits.copy_(grad_logits)  # compute dtype
+    if grad_h is not None:
+        torch.mm(grad, w, out=grad_h[start:stop])  # [n, dim]
+    if grad_w is None:
+        return
+    h_c, first = h[start:stop], start == 0
+    if partial_w is None:  # float32 or float64: accumulate in the matmul
+        if first:
+            torch.mm(grad.t(), h_c, out=grad_w)  # [vocab, dim]
+        else:
+            grad_w.addmm_(grad.t(), h_c)
+    else:  # bf16 matmul, summed over chunks in float32
+        torch.mm(grad.t(), h_c, out=partial_w)  # [vocab, dim], compute dtype
+        _accumulate(grad_w, partial_w, first=first)
 
 
 # Rows per block when adding a compute-dtype partial weight gradient into the float32 sum: a
@@ -335,14 +459,139 @@ def _finish(
     )
 
 
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for the inputs' device, else the promoted one."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    allocate: _Allocator,
+) -> torch.Tensor:
+    _check_arguments(hidden, weight, targets, chunk_size, ignore_allowed=False)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [N, dim]
+    targets_1d = targets.reshape(-1).long()  # [N]
+    compute = _compute_dtype(hidden, weight)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        logps: torch.Tensor = _LinearLogProbs.apply(  # type: ignore[no-untyped-call]
+            hidden_2d, weight, targets_1d, chunk_size, compute, allocate
+        )
+    else:
+        with torch.no_grad():
+            logps = _log_probs_forward(hidden_2d, weight, targets_1d, chunk_size, compute, allocate)
+    return logps.reshape(targets.shape)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[targets] [N]; the backward recomputes the logits a chunk at a
+    time."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        compute: torch.dtype,
+        allocate: _Allocator,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size, ctx.compute, ctx.allocate = chunk_size, compute, allocate
+        return _log_probs_forward(hidden, weight, targets, chunk_size, compute, allocate)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_logps: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        hidden, weight, targets = ctx.saved_tensors
+        needs = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
+        grad_h, grad_w = _log_probs_backward(
+            hidden, weight, targets, grad_logps, ctx.chunk_size, ctx.compute, needs, ctx.allocate
+        )
+        return grad_h, grad_w, None, None, None, None
+
+
+def _log_probs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    compute: torch.dtype,
+    allocate: _Allocator,
+) -> torch.Tensor:
+    """log p(targets) [N] (float32, or float64): per chunk, logit_target - log-sum-exp."""
+    acc = torch.promote_types(compute, torch.float32)
+    logps = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    if hidden.shape[0] == 0:
+        return logps
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(compute), _weight_in(weight, compute, allocate)
+        for start, stop, logits, probs in _chunk_logits(h, w, chunk_size, allocate):
+            target_logit = logits.gather(1, targets[start:stop, None]).to(acc)  # [n, 1]
+            logps[start:stop] = (target_logit - _softmax_log_sum_exp(logits, probs)).squeeze(1)
+    return logps
+
+
+def _log_probs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logps: torch.Tensor,
+    chunk_size: int,
+    compute: torch.dtype,
+    needs: tuple[bool, bool],
+    allocate: _Allocator,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d/d hidden, d/d weight) of sum_i g_i log p_i(t_i), recomputing the logits chunk by chunk:
+    d / d logit_ij = g_i ([j == t_i] - softmax_ij)."""
+    acc = torch.promote_types(compute, torch.float32)
+    if hidden.shape[0] == 0:
+        no_rows = (torch.zeros_like(hidden), torch.zeros_like(weight))
+        return (no_rows[0] if needs[0] else None), (no_rows[1] if needs[1] else None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(compute), _weight_in(weight, compute, allocate)
+        grad_h, grad_w, partial_w = _gradient_buffers(h, w, needs, allocate)
+        g = grad_logps.to(acc)[:, None]  # [N, 1]
+        for start, stop, logits, probs in _chunk_logits(h, w, chunk_size, allocate):
+            _softmax_log_sum_exp(logits, probs)  # probs = softmax
+            probs.mul_(g[start:stop].neg())
+            probs.scatter_add_(1, targets[start:stop, None], g[start:stop])
+            _add_chunk_gradients(
+                probs, logits, h, w, start, stop, grad_h=grad_h, grad_w=grad_w, partial_w=partial_w
+            )
+    return (
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+    )
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size!r}")
+
+
 def _check_arguments(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    *,
+    ignore_allowed: bool = True,
 ) -> None:
+    caller = "linear_cross_entropy" if ignore_allowed else "linear_log_probs"
     if isinstance(weight, DTensor) or isinstance(hidden, DTensor):
         raise TypeError(
-            "linear_cross_entropy needs a plain (unsharded) output weight and hidden states; got a "
-            "DTensor (tensor parallelism or FSDP). Project with the model (`model.logits(h)`) "
-            "and use summed_cross_entropy in that layout."
+            f"{caller} needs a plain (unsharded) output weight and hidden states; got a DTensor "
+            "(tensor parallelism or FSDP). Project with the model (`model.logits(h)`) in that "
+            "layout."
         )
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, dim] or [N, dim]; got shape {tuple(hidden.shape)}")
@@ -367,14 +616,15 @@ def _check_arguments(
             f"hidden, weight and targets must share a device; got {hidden.device}, "
             f"{weight.device}, {targets.device}"
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if targets.device.type != "cpu":  # reading values would make a GPU step wait on the host
         return
-    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    out_of_range = (targets < 0) | (targets >= weight.shape[0])
+    if ignore_allowed:
+        out_of_range &= targets != IGNORE_INDEX
     if bool(out_of_range.any()):
         bad = int(targets[out_of_range].flatten()[0])
+        allowed = f" and not IGNORE_INDEX ({IGNORE_INDEX})" if ignore_allowed else ""
         raise ValueError(
-            f"targets hold id {bad}, outside the vocabulary [0, {weight.shape[0]}) and not "
-            f"IGNORE_INDEX ({IGNORE_INDEX})"
+            f"targets hold id {bad}, outside the vocabulary [0, {weight.shape[0]}){allowed}"
         )
