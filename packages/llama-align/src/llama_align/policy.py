@@ -4,17 +4,26 @@ SFT's loss is the negative log-probability of the assistant tokens; DPO's is bui
 log-probabilities of the response tokens. Neither needs the logits of the prompt: with Llama 3's
 128,256-token vocabulary, the output projection over every position costs more memory than the
 rest of a small model's step. `Policy` runs the model's own pieces (`Llama.hidden_states`, then
-`Llama.logits` on the selected positions only), never a copy of its forward, and is itself an
-`nn.Module` so that data parallelism (DistributedDataParallel, which synchronises gradients
+the output projection on the selected positions only), never a copy of its forward, and is itself
+an `nn.Module` so that data parallelism (DistributedDataParallel, which synchronises gradients
 through a module's forward) wraps it.
+
+Even the selected positions' logits are large ([N, 128,256] floats, plus their float32 copy and
+gradient, fresh every step). When the output projection is a plain weight, `Policy` takes the
+log-probabilities through `llama_train.LinearLogProbs`, which works a chunk of rows at a time in
+buffers it keeps between steps (on 2 CPU cores the demo's SFT stage took 59 s instead of 118,
+DPO 87 s instead of 131, and the demo's peak memory fell from 5.0 to 3.3 GiB). When the projection
+is anything else (a LoRA-wrapped or sharded `output`, hooks on it), it calls `Llama.logits`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llama_model import AttentionBackend, Llama
+from llama_train import LinearLogProbs
 
 __all__ = ["Policy", "shifted_targets", "token_logprobs"]
 
@@ -22,12 +31,15 @@ __all__ = ["Policy", "shifted_targets", "token_logprobs"]
 class Policy(nn.Module):
     """``Policy(llama)(tokens, targets, mask, attention=...)`` -> log p(targets[mask]) [N].
 
-    `llama` is a `Llama` or a PEFT-wrapped one (attributes pass through to the `Llama`).
+    `llama` is a `Llama` or a PEFT-wrapped one (attributes pass through to the `Llama`). The
+    output layer's working buffers are kept between calls (see the module docstring), so one
+    `Policy` serves one thread.
     """
 
     def __init__(self, llama: nn.Module) -> None:
         super().__init__()
         self.llama = llama
+        self._log_probs = LinearLogProbs()
 
     def base(self) -> Llama:
         """The `Llama` inside (through a PEFT wrapper if there is one)."""
@@ -56,7 +68,25 @@ class Policy(nn.Module):
             )
         llama = self.base()
         hidden = llama.hidden_states(tokens, attention=attention)  # [B, T, dim]
-        return token_logprobs(llama.logits(hidden[mask]), targets[mask])  # [N]
+        weight = _plain_output_weight(llama)
+        if weight is None:
+            return token_logprobs(llama.logits(hidden[mask]), targets[mask])  # [N]
+        return self._log_probs(hidden[mask], weight, targets[mask])  # [N]
+
+
+def _plain_output_weight(llama: Llama) -> torch.Tensor | None:
+    """The output projection's weight when `Llama.logits` is exactly ``hidden @ weight.T`` with
+    it (an untouched `nn.Linear`, or the tied embedding table), else None."""
+    output = llama.output
+    if output is not None and (
+        type(output) is not nn.Linear
+        or output.bias is not None
+        or output._forward_hooks
+        or output._forward_pre_hooks
+    ):
+        return None
+    weight = llama.output_weight()
+    return None if isinstance(weight, DTensor) else weight
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
