@@ -294,7 +294,8 @@ def test_kept_buffers_give_the_functional_result_call_after_call() -> None:
     before either backward, equal linear_cross_entropy's (float32 and bf16 autocast), and the
     second call reuses the first call's buffers."""
     loss_fn = LinearCrossEntropy(chunk_size=8)
-    first, second = _inputs(rows=37, seed=3), _inputs(rows=20, seed=4)
+    first, second, third = (_inputs(rows=37, seed=3), _inputs(rows=20, seed=4),
+                            _inputs(rows=30, seed=5))  # fmt: skip
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             expected = [
@@ -304,7 +305,7 @@ def test_kept_buffers_give_the_functional_result_call_after_call() -> None:
                       for h, w, t in (first, second)]  # fmt: skip
             losses = [loss_fn(h, w, t) for h, w, t in leaves]
             pointers = {name: b.data_ptr() for name, b in loss_fn._buffers.tensors.items()}
-            loss_fn(*leaves[0])  # a third call, after both: the same buffers again
+            loss_fn(*third)  # a third call, after both: the same buffers again
             assert {name: b.data_ptr() for name, b in loss_fn._buffers.tensors.items()} == pointers
         for loss, (h, w, _), want in zip(losses, leaves, expected, strict=True):
             loss.backward()  # type: ignore[no-untyped-call]
@@ -526,6 +527,7 @@ def test_kept_log_prob_buffers_serve_two_results_before_either_backward() -> Non
     third call reuses the same buffers."""
     log_probs = LinearLogProbs(chunk_size=8)
     first, second = _log_prob_inputs(rows=37, seed=3), _log_prob_inputs(rows=20, seed=4)
+    third = _log_prob_inputs(rows=30, seed=5)[:3]
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             expected = [
@@ -535,7 +537,7 @@ def test_kept_log_prob_buffers_serve_two_results_before_either_backward() -> Non
                       for h, w, t, _ in (first, second)]  # fmt: skip
             results = [log_probs(h, w, t) for h, w, t in leaves]
             pointers = {name: b.data_ptr() for name, b in log_probs._buffers.tensors.items()}
-            log_probs(*leaves[0])
+            log_probs(*third)  # between the forwards and their backwards: scratch space only
             assert {n: b.data_ptr() for n, b in log_probs._buffers.tensors.items()} == pointers
         for logps, (h, w, _), (*_, upstream), want in zip(
             results, leaves, (first, second), expected, strict=True
@@ -543,3 +545,60 @@ def test_kept_log_prob_buffers_serve_two_results_before_either_backward() -> Non
             (logps * upstream).sum().backward()
             assert h.grad is not None and w.grad is not None
             _close((logps.detach(), h.grad, w.grad), want, rtol=0.0, atol=0.0)
+
+
+def test_kept_buffers_made_under_inference_mode_serve_training_later() -> None:
+    """A first call under torch.inference_mode (scoring) allocates the buffers; a later training
+    call writes into them outside inference mode and gets the functional result."""
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    log_probs, loss_fn = LinearLogProbs(chunk_size=8), LinearCrossEntropy(chunk_size=8)
+    with torch.inference_mode():
+        log_probs(hidden, weight, targets)
+        loss_fn(hidden, weight, targets)
+    want = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream, chunk_size=8)
+    _close(_log_prob_grads(log_probs, hidden, weight, targets, upstream), want, rtol=0, atol=0)
+    want = _with_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=8)
+    _close(_with_grads(loss_fn, hidden, weight, targets), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["weight only", "bf16 parameters", "int32 targets"])
+def test_log_prob_gradients_follow_the_inputs(case: str) -> None:
+    """Only the inputs that require grad get one, in their own dtype: the weight alone (hidden
+    frozen); bf16 hidden and weight without autocast (bf16 matmuls, bf16 gradients, float32
+    log-probs); int32 target ids (the same as int64)."""
+    hidden, weight, targets, upstream = _log_prob_inputs()
+    if case == "int32 targets":
+        ours = _log_prob_grads(linear_log_probs, hidden, weight, targets.int(), upstream)
+        _close(ours, _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream),
+               rtol=0, atol=0)  # fmt: skip
+        return
+    if case == "bf16 parameters":
+        hidden, weight = hidden.detach().bfloat16(), weight.detach().bfloat16()
+        ours = _log_prob_grads(linear_log_probs, hidden, weight, targets, upstream)
+        ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)
+        assert ours[0].dtype == torch.float32
+        assert ours[1].dtype == ours[2].dtype == torch.bfloat16
+        torch.testing.assert_close(ours[0], ref[0], rtol=F32_RTOL, atol=F32_ATOL)
+        for a, b in zip(ours[1:], ref[1:], strict=True):  # bf16 tolerance as above
+            torch.testing.assert_close(a, b, rtol=2**-6, atol=2**-6 * float(b.abs().max()))
+        return
+    w = weight.detach().clone().requires_grad_()
+    frozen = hidden.detach()
+    (linear_log_probs(frozen, w, targets, chunk_size=8) * upstream).sum().backward()
+    ref = _log_prob_grads(_plain_log_probs, hidden, weight, targets, upstream)[2]
+    assert frozen.grad is None and w.grad is not None
+    torch.testing.assert_close(w.grad, ref, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_float64_stays_float64_under_autocast() -> None:
+    """As F.linear does, a float64 matmul is left alone by bf16 autocast: float64 results, equal
+    to the float64 computation without autocast."""
+    hidden, weight, targets, _ = _log_prob_inputs(dtype=torch.float64)
+    with torch.no_grad():
+        exact = linear_log_probs(hidden, weight, targets, chunk_size=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = linear_log_probs(hidden, weight, targets, chunk_size=8)
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+    assert ours.dtype == loss.dtype == torch.float64
+    torch.testing.assert_close(ours, exact, rtol=0, atol=0)
+    torch.testing.assert_close(loss, -exact.sum(), rtol=1e-12, atol=1e-12)

@@ -9,18 +9,18 @@ an `nn.Module` so that data parallelism (DistributedDataParallel, which synchron
 through a module's forward) wraps it.
 
 Even the selected positions' logits are large ([N, 128,256] floats, plus their float32 copy and
-gradient, fresh every step). When the output projection is a plain weight, `Policy` takes the
-log-probabilities through `llama_train.LinearLogProbs`, which works a chunk of rows at a time in
-buffers it keeps between steps (on 2 CPU cores the demo's SFT stage took 59 s instead of 118,
-DPO 87 s instead of 131, and the demo's peak memory fell from 5.0 to 3.3 GiB). When the projection
-is anything else (a LoRA-wrapped or sharded `output`, hooks on it), it calls `Llama.logits`.
+gradient, fresh every step). On CPU, when the output projection is a plain weight, `Policy` takes
+the log-probabilities through `llama_train.LinearLogProbs`, which works a chunk of rows at a time
+in buffers it keeps between steps: about twice as fast there, in less memory
+(`benchmarks/align_cpu.py`). Elsewhere (CUDA: not measured yet), or when the projection is
+anything but ``hidden @ weight.T`` (a LoRA-wrapped, sharded, offloaded or hooked `output`), it
+calls `Llama.logits`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from llama_model import AttentionBackend, Llama
 from llama_train import LinearLogProbs
@@ -31,8 +31,8 @@ __all__ = ["Policy", "shifted_targets", "token_logprobs"]
 class Policy(nn.Module):
     """``Policy(llama)(tokens, targets, mask, attention=...)`` -> log p(targets[mask]) [N].
 
-    `llama` is a `Llama` or a PEFT-wrapped one (attributes pass through to the `Llama`). The
-    output layer's working buffers are kept between calls (see the module docstring), so one
+    `llama` is a `Llama` or a PEFT-wrapped one (attributes pass through to the `Llama`). On CPU
+    the output layer's working buffers are kept between calls (see the module docstring), so one
     `Policy` serves one thread.
     """
 
@@ -69,24 +69,29 @@ class Policy(nn.Module):
         llama = self.base()
         hidden = llama.hidden_states(tokens, attention=attention)  # [B, T, dim]
         weight = _plain_output_weight(llama)
-        if weight is None:
+        if weight is None or hidden.device.type != "cpu":
             return token_logprobs(llama.logits(hidden[mask]), targets[mask])  # [N]
-        return self._log_probs(hidden[mask], weight, targets[mask])  # [N]
+        return self._log_probs(hidden[mask], weight, targets[mask]).float()  # [N]
 
 
 def _plain_output_weight(llama: Llama) -> torch.Tensor | None:
     """The output projection's weight when `Llama.logits` is exactly ``hidden @ weight.T`` with
-    it (an untouched `nn.Linear`, or the tied embedding table), else None."""
+    it (an untouched `nn.Linear`, or the tied embedding table), else None: not for a wrapped or
+    subclassed layer (PEFT's LoRA), one with hooks or a replaced `forward` (accelerate's
+    offloading), or a weight that is a tensor subclass (a DTensor, a quantized tensor)."""
     output = llama.output
     if output is not None and (
         type(output) is not nn.Linear
         or output.bias is not None
+        or "forward" in vars(output)
         or output._forward_hooks
         or output._forward_pre_hooks
+        or output._backward_hooks
+        or output._backward_pre_hooks
     ):
         return None
     weight = llama.output_weight()
-    return None if isinstance(weight, DTensor) else weight
+    return weight if type(weight) in (torch.Tensor, nn.Parameter) else None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

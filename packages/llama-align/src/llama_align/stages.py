@@ -281,6 +281,7 @@ def run_dpo(config: DpoConfig, *, accelerator: Any | None = None) -> Path:
             if heldout:
                 heldout = with_reference(heldout, logps(heldout), mask=config.mask)
         reference = "precomputed"
+        del logps, reference_llama  # nothing else holds the reference model
 
     def accuracy(pairs: list[Any]) -> tuple[float, float]:
         with config.train.autocast(accelerator.device):  # as the reference log-probs were

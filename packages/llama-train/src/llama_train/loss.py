@@ -75,8 +75,9 @@ def linear_cross_entropy(
 
     Dtypes: the two matmuls per chunk and the two of its gradient run in the *compute dtype*:
     the autocast dtype when `torch.autocast` is on for the inputs' device (bf16 on CPU and CUDA,
-    as `F.linear` would run under autocast), otherwise `torch.promote_types(hidden, weight)`
-    (float32 for an exact check, float64 for a reference). The logits come out of the matmul in
+    as `F.linear` would run under autocast; float64 inputs stay float64 as they do there), otherwise
+    `torch.promote_types(hidden, weight)` (float32 for an exact check, float64 for a reference). The
+    logits come out of the matmul in
     that dtype, then the max, exp, sum, log-sum-exp, loss and softmax are float32 (float64 for
     float64); the softmax gradient is rounded to the compute dtype for the backward matmuls, and
     the weight gradient is summed over chunks in float32. The gradients come back in the dtypes of
@@ -150,8 +151,8 @@ def linear_log_probs(
 
     Dtypes are `linear_cross_entropy`'s: matmuls in the autocast dtype when autocast is on (else
     `torch.promote_types(hidden, weight)`), softmax and log-sum-exp in float32 (float64), the
-    gradient rounded to the compute dtype for the backward matmuls, the weight gradient summed
-    over chunks in float32 and returned in the dtypes of `hidden` and `weight`.
+    gradient rounded to the compute dtype for the backward matmuls, and the weight gradient summed
+    over chunks in float32; both gradients come back in the dtypes of `hidden` and `weight`.
 
     Args:
         hidden: final (normed) hidden states [B, T, dim] or [N, dim].
@@ -220,7 +221,10 @@ class _KeptBuffers:
         )
         if not fits:
             self.tensors.pop(name, None)  # free the old one before allocating
-            kept = torch.empty(shape, dtype=dtype, device=device)
+            # A tensor made under torch.inference_mode cannot be written outside it: allocate a
+            # normal one even there, so a kept buffer serves scoring and training alike.
+            with torch.inference_mode(False):
+                kept = torch.empty(shape, dtype=dtype, device=device)
             self.tensors[name] = kept
         assert kept is not None
         return kept[: shape[0]]
@@ -351,7 +355,7 @@ def _chunk_logits(
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """For each chunk of the rows of h [N, dim]: (start, stop, logits, probs) with logits =
     h[start:stop] @ w.T [n, vocab] in h's and w's (compute) dtype and `probs` an uninitialised
-    [n, vocab] buffer in float32 (float64), the logits' own when the dtypes agree. Both buffers
+    [n, vocab] buffer in float32 (float64), the logits themselves when the dtypes agree. Both buffers
     are reused by every chunk (on CPU a fresh [chunk, vocab] tensor costs page faults). Call with
     autocast disabled."""
     rows, vocab, device = h.shape[0], w.shape[0], h.device
@@ -363,19 +367,24 @@ def _chunk_logits(
     )
     for start, stop in _chunk_bounds(rows, chunk_size):
         logits = torch.mm(h[start:stop], w.t(), out=logits_buf[: stop - start])  # [n, vocab]
-        yield start, stop, logits, probs_buf[: stop - start]
+        yield start, stop, logits, logits if h.dtype == acc else probs_buf[: stop - start]
 
 
 def _softmax_log_sum_exp(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Write softmax(logits) into `probs` (float32 or float64, PyTorch's fused kernel, in place;
-    `probs` may be `logits` itself: read the logits before) and return the rows' log-sum-exp
+    """Write softmax(logits) into `probs` (`_softmax_into`) and return the rows' log-sum-exp
     [n, 1] as m - log(max p), with m = max x: exact up to rounding because max p = 1 / sum
     exp(x - m) lies in [1 / vocab, 1] (no underflow)."""
     row_max = logits.amax(dim=1, keepdim=True).to(probs.dtype)  # [n, 1]
+    _softmax_into(logits, probs)
+    return row_max - probs.amax(dim=1, keepdim=True).log()
+
+
+def _softmax_into(logits: torch.Tensor, probs: torch.Tensor) -> None:
+    """probs = softmax(logits) in float32 or float64 (PyTorch's fused kernel, in place). `probs`
+    may be `logits` itself (float32 compute): read what you need of the logits before."""
     if probs is not logits:
         probs.copy_(logits)  # float32 copy of this chunk only
     torch.softmax(probs, dim=1, out=probs)
-    return row_max - probs.amax(dim=1, keepdim=True).log()
 
 
 def _gradient_buffers(
@@ -460,11 +469,13 @@ def _finish(
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on for the inputs' device, else the promoted one."""
+    """The matmul dtype: autocast's when it is on for the inputs' device, else the promoted one;
+    float64 inputs stay float64 (autocast leaves float64 matmuls alone too)."""
+    promoted = torch.promote_types(hidden.dtype, weight.dtype)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and promoted != torch.float64:
         return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return promoted
 
 
 def _linear_log_probs(
@@ -554,14 +565,16 @@ def _log_probs_backward(
     d / d logit_ij = g_i ([j == t_i] - softmax_ij)."""
     acc = torch.promote_types(compute, torch.float32)
     if hidden.shape[0] == 0:
-        no_rows = (torch.zeros_like(hidden), torch.zeros_like(weight))
-        return (no_rows[0] if needs[0] else None), (no_rows[1] if needs[1] else None)
+        return (
+            torch.zeros_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight) if needs[1] else None,
+        )
     with torch.autocast(hidden.device.type, enabled=False):
         h, w = hidden.to(compute), _weight_in(weight, compute, allocate)
         grad_h, grad_w, partial_w = _gradient_buffers(h, w, needs, allocate)
         g = grad_logps.to(acc)[:, None]  # [N, 1]
         for start, stop, logits, probs in _chunk_logits(h, w, chunk_size, allocate):
-            _softmax_log_sum_exp(logits, probs)  # probs = softmax
+            _softmax_into(logits, probs)
             probs.mul_(g[start:stop].neg())
             probs.scatter_add_(1, targets[start:stop, None], g[start:stop])
             _add_chunk_gradients(
@@ -586,12 +599,16 @@ def _check_arguments(
     *,
     ignore_allowed: bool = True,
 ) -> None:
-    caller = "linear_cross_entropy" if ignore_allowed else "linear_log_probs"
+    caller, instead = (
+        ("linear_cross_entropy", "summed_cross_entropy")
+        if ignore_allowed
+        else ("linear_log_probs", "a log-softmax of them")
+    )
     if isinstance(weight, DTensor) or isinstance(hidden, DTensor):
         raise TypeError(
             f"{caller} needs a plain (unsharded) output weight and hidden states; got a DTensor "
-            "(tensor parallelism or FSDP). Project with the model (`model.logits(h)`) in that "
-            "layout."
+            "(tensor parallelism or FSDP). Project with the model (`model.logits(h)`) and use "
+            f"{instead} in that layout."
         )
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, dim] or [N, dim]; got shape {tuple(hidden.shape)}")
