@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from align_fixtures import TINY, tiny_llama
 from llama_align import Policy
@@ -84,6 +83,10 @@ def test_log_probs_and_gradients_equal_the_full_forward(tied: bool, chunk_size: 
 def test_a_lora_wrapped_output_layer_takes_the_model_s_projection() -> None:
     """With LoRA on `output` the plain weight is not the projection: Policy projects through the
     model (its adapters included, initialised non-zero) and matches the full forward."""
+    # Imported here, not at the top: importing peft imports Triton, and a workspace-wide pytest
+    # collects this file before llama-kernels' conftest sets TRITON_INTERPRET for the kernel tests.
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=4, target_modules=["wq", "output"], init_lora_weights=False)
     model = get_peft_model(tiny_llama(), lora)
     tokens, targets, mask, upstream = _batch(seed=1)
