@@ -103,7 +103,16 @@ def linear_cross_entropy(
     return _linear_cross_entropy(hidden, weight, targets, chunk_size, _fresh)
 
 
-class LinearCrossEntropy:
+class _WithKeptBuffers:
+    """What `LinearCrossEntropy` and `LinearLogProbs` hold: their chunk size and kept buffers."""
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        _check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+        self._buffers = _KeptBuffers()
+
+
+class LinearCrossEntropy(_WithKeptBuffers):
     """`linear_cross_entropy` that keeps its working buffers between calls, for a training loop.
 
     On CPU a fresh buffer of a few hundred MB costs page faults when first written and unmapping
@@ -114,11 +123,6 @@ class LinearCrossEntropy:
     returns are fresh tensors, so several losses may be computed before their backward. Not for
     concurrent calls from several threads.
     """
-
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        _check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
-        self._buffers = _KeptBuffers()
 
     def __call__(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
@@ -168,7 +172,7 @@ def linear_log_probs(
     return _linear_log_probs(hidden, weight, targets, chunk_size, _fresh)
 
 
-class LinearLogProbs:
+class LinearLogProbs(_WithKeptBuffers):
     """`linear_log_probs` that keeps its working buffers between calls, for a training loop.
 
     The buffers (the chunk's logits and float32 softmax, the compute-dtype copy of the weight and
@@ -177,11 +181,6 @@ class LinearLogProbs:
     Under bf16 autocast with Llama 3's vocabulary and dim 128: 256 x 128,256 x 6 + 2 x 128,256 x
     128 x 2 bytes = 263 MB kept. Not for concurrent calls from several threads.
     """
-
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        _check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
-        self._buffers = _KeptBuffers()
 
     def __call__(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
