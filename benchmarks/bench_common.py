@@ -1,19 +1,31 @@
-"""Helpers the CPU benchmarks share: the machine's name, a median wall-clock timer, matmul rates.
+"""Helpers the CPU benchmarks share: the machine's name, a median wall-clock timer, matmul rates,
+resident memory, and writing the results file.
 
 Scripts in this folder import it as `bench_common` (Python puts the script's folder on sys.path).
 """
 
 from __future__ import annotations
 
+import json
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["cpu_name", "matmul_gflops", "timed", "timed_in_turn"]
+__all__ = [
+    "cpu_name",
+    "matmul_gflops",
+    "peak_rss_bytes",
+    "rss_bytes",
+    "timed",
+    "timed_in_turn",
+    "write_results",
+]
 
 
 def cpu_name() -> str:
@@ -76,3 +88,25 @@ def matmul_gflops(
         str(d).removeprefix("torch."): 2 * size**3 / statistics.median(t) / 1e9
         for d, t in times.items()
     }
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc/self/statm)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM of /proc/self/status). Not getrusage's
+    ru_maxrss: a subprocess inherits its parent's high-water mark there across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (needs Linux)")
+
+
+def write_results(path: Path, record: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON to `path` (folders made) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")

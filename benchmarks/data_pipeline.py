@@ -41,7 +41,6 @@ import ast
 import datetime
 import email
 import functools
-import json
 import platform
 import random
 import sysconfig
@@ -57,7 +56,7 @@ import datasketch
 import numpy as np
 import xxhash
 
-from bench_common import cpu_name, timed
+from bench_common import cpu_name, timed, write_results
 from llama_data import (
     Document,
     ExactDedup,
@@ -699,9 +698,7 @@ def main() -> None:
         "datasketch": datasketch.__version__,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench_common import cpu_name, matmul_gflops
+from bench_common import cpu_name, matmul_gflops, peak_rss_bytes, rss_bytes, write_results
 from llama_align.policy import token_logprobs  # not re-exported by llama_align
 from llama_kernels import cpu_bf16_instructions
 from llama_train import LinearLogProbs, linear_log_probs
@@ -102,20 +102,6 @@ def variant(name: str, dtype: str, mode: str, data: Inputs) -> Callable[[], torc
         return logps.detach()
 
     return step
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc/self/statm)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM of /proc/self/status). Not getrusage's
-    ru_maxrss: a subprocess inherits its parent's high-water mark there across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (needs Linux)")
 
 
 def child(name: str, dtype: str, mode: str, rows: int, dim: int, threads: int) -> None:
@@ -249,9 +235,7 @@ def main() -> None:
         f"matmul_{size}_gflops": rates,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench_common import cpu_name, matmul_gflops
+from bench_common import cpu_name, matmul_gflops, peak_rss_bytes, rss_bytes, write_results
 from llama_kernels import cpu_bf16_instructions
 from llama_train.loss import LinearCrossEntropy, linear_cross_entropy, summed_cross_entropy
 
@@ -132,21 +131,6 @@ def variant(name: str, dtype: str, hidden: torch.Tensor, weight: torch.Tensor,
     return step
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc/self/statm)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM of /proc/self/status). Not getrusage's
-    ru_maxrss: a subprocess inherits its parent's high-water mark there across fork and exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (needs Linux)")
-
-
 def child(name: str, dtype: str, threads: int) -> None:
     """Subprocess: run one variant twice; print the peak RSS added over the RSS before it."""
     torch.set_num_threads(threads)
@@ -228,9 +212,7 @@ def main() -> None:
         "matmul_2048_gflops": rates,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

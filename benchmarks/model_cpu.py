@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
-from bench_common import cpu_name, matmul_gflops, timed_in_turn
+from bench_common import cpu_name, matmul_gflops, timed_in_turn, write_results
 from llama_kernels import bf16_is_fast, cpu_bf16_instructions
 from llama_model import (
     KVCache,
@@ -261,9 +260,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

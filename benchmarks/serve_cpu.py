@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from bench_common import cpu_name, matmul_gflops, timed
+from bench_common import cpu_name, matmul_gflops, timed, write_results
 from llama_kernels import cpu_bf16_instructions
 from llama_model import Llama, LlamaConfig, count_parameters, save_checkpoint
 from llama_serve import Engine, EngineConfig, SamplingParams
@@ -812,9 +812,7 @@ def main() -> None:
         "models": records,
     }
     print_report(records, record)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

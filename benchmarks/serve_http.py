@@ -85,7 +85,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench_common import cpu_name
+from bench_common import cpu_name, write_results
 from llama_model import Llama, LlamaConfig, Tokenizer, count_parameters, save_checkpoint
 
 ORDINARY_TOKENS = 128_000  # Llama 3's ids from 128,000 on are special tokens
@@ -588,9 +588,7 @@ def main() -> None:
         "models": records,
     }
     print_report(record)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":
