@@ -12,10 +12,10 @@ Even the selected positions' logits are large ([N, 128,256] floats, plus their f
 gradient, fresh every step). On CPU, when the output projection is a plain weight, `Policy` takes
 the log-probabilities through `llama_train.LinearLogProbs`, which works a chunk of rows at a time
 in buffers it keeps between steps: for 1,024 scored positions on 2 cores, a training step of the
-output layer 1.9-2.5x faster under bf16 autocast (1.1-1.6x in float32) at a sixth of the peak
-memory (`benchmarks/logprobs_cpu.py`). Elsewhere (CUDA: not measured yet), or when the projection is
-anything but ``hidden @ weight.T`` (a LoRA-wrapped, sharded, offloaded or hooked `output`), it
-calls `Llama.logits`.
+output layer runs 1.9-2.5x faster under bf16 autocast (1.1-1.6x in float32) in a sixth to a
+quarter of the peak memory (`benchmarks/logprobs_cpu.py`). Elsewhere (CUDA: not measured yet), or
+when the projection is anything but ``hidden @ weight.T`` (a LoRA-wrapped, sharded, offloaded or
+hooked `output`), it calls `Llama.logits`.
 """
 
 from __future__ import annotations
