@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def _run(out: Path, nprocs: int, kind: str) -> dict[str, object]:
     code, output = _launch(command, env)
     if _hung(code, output):
         print(f"{nprocs} processes hung; retrying once. Its output:\n{output[-6000:]}")
+        # From scratch: the hung run may have checkpointed every step, and a resumed retry would
+        # report no losses at all.
+        shutil.rmtree(out, ignore_errors=True)
         code, output = _launch(command, env)
     if code != 0:
         state = "hung again" if _hung(code, output) else f"exit {code}"
